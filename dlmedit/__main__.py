@@ -1,0 +1,3 @@
+from dlmedit.cli.main import main
+
+main()

@@ -1,0 +1,14 @@
+"""Entry point of the `dlmedit` console script: imports every command module, then runs the app."""
+
+from __future__ import annotations
+
+from dlmedit.cli import models as _models  # noqa: F401  (registers models/generate/score)
+from dlmedit.cli.app import app
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
