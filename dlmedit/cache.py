@@ -1,0 +1,170 @@
+"""The user cache directory and crash-safe file writes.
+
+Why this exists: dlmedit caches expensive artefacts (second-moment statistics take
+hours on real models) and writes result files that later runs resume from.  A file
+half-written when a run is killed must never be mistaken for a complete one, so every
+cache / results file in the project is written through the helpers here: the data
+goes to a temporary file in the *same directory*, is flushed and fsynced, and is then
+renamed over the destination with :func:`os.replace`, which is atomic on POSIX and
+Windows.  Readers therefore see either the old file or the new one, never a prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CACHE_ENV_VAR",
+    "atomic_path",
+    "atomic_save_safetensors",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "cache_dir",
+]
+
+CACHE_ENV_VAR = "DLMEDIT_CACHE"
+
+
+def cache_dir(subdir: str | None = None, *, create: bool = True) -> Path:
+    """Return the dlmedit cache directory (optionally a sub-directory of it).
+
+    Resolution order: ``$DLMEDIT_CACHE``; else ``$XDG_CACHE_HOME/dlmedit``; else
+    ``~/.cache/dlmedit``.  The environment is read on every call so tests and users
+    can redirect the cache without re-importing.
+    """
+    env = os.environ.get(CACHE_ENV_VAR)
+    if env:
+        root = Path(env).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+        root = base / "dlmedit"
+    path = root / subdir if subdir else root
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(
+                f"cannot create the dlmedit cache directory {path}: {exc}. Set {CACHE_ENV_VAR} to a writable directory."
+            ) from exc
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename on POSIX (best effort: not every OS / filesystem allows it)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it over ``path``.
+
+    For writers that insist on a file name (e.g. ``safetensors.torch.save_file``).
+    If the body raises, the temporary file is removed and ``path`` is untouched.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        # The writer may have replaced the file; fsync whatever is there now.
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(dest.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the destination path."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"atomic_write_bytes expects bytes, got {type(data).__name__}")
+    dest = Path(path)
+    with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+    return dest
+
+
+def atomic_write_json(
+    path: str | os.PathLike[str],
+    obj: Any,
+    *,
+    indent: int | None = 2,
+    allow_nan: bool = False,
+) -> Path:
+    """Serialise ``obj`` as JSON and write it atomically.
+
+    ``allow_nan`` defaults to False because NaN/Infinity are not valid JSON and break
+    other readers (jq, JavaScript); pass True for files only dlmedit reads back.
+    """
+    try:
+        text = json.dumps(obj, indent=indent, sort_keys=True, allow_nan=allow_nan, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"cannot write {path} as JSON: {exc}") from exc
+    return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def atomic_save_safetensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Save ``tensors`` as a safetensors file, atomically.
+
+    Tensors are detached, moved to CPU and made contiguous; tensors that share storage
+    (tied weights, views) are cloned, because the safetensors format cannot express
+    aliasing.  ``metadata`` must map strings to strings (a format restriction).
+    """
+    from safetensors.torch import save_file
+
+    if metadata is not None:
+        bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
+        if bad:
+            raise ValueError(f"safetensors metadata must map str to str; offending entries: {bad}")
+    prepared: dict[str, torch.Tensor] = {}
+    seen_storage: set[int] = set()
+    for name, tensor in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"safetensors keys must be strings, got {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"value for {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+        t = tensor.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() > 0 and ptr in seen_storage:
+            t = t.clone()
+        elif t.numel() > 0:
+            seen_storage.add(ptr)
+        prepared[name] = t
+    dest = Path(path)
+    with atomic_path(dest) as tmp:
+        save_file(
+            prepared,
+            str(tmp),
+            metadata=dict(metadata) if metadata is not None else None,
+        )
+    return dest
