@@ -222,7 +222,9 @@ def load_model(
     if logit_shift is None:
         logit_shift = 0
     adapter = adapter_for_module(module)
-    para = make_paradigm(kind, tokenizer, mask_token_id, int(logit_shift), cfg.get("dlmedit_answer_window"))
+    twin = cfg.get("dlmedit_twin") or {}
+    answer_window = cfg.get("dlmedit_answer_window") or twin.get("answer_window")
+    para = make_paradigm(kind, tokenizer, mask_token_id, int(logit_shift), answer_window)
     prepend_bos = bool(cfg.get("dlmedit_twin")) or bool(cfg.get("dlmedit_prepend_bos"))
     return LanguageModel(module, tokenizer, adapter, para, name=name, prepend_bos=prepend_bos,
                          source={"path": str(path), "model_type": model_type})
