@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dlmedit.cli import eval as _eval  # noqa: F401  (registers eval)
 from dlmedit.cli import models as _models  # noqa: F401  (registers models/generate/score)
+from dlmedit.cli import study as _study  # noqa: F401  (registers study)
 from dlmedit.cli.app import app
 
 

@@ -656,15 +656,17 @@ def _located(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, Mapping[str, 
 DATASET_KINDS = ("counterfact", "mcf", "zsre", "kamel", "tofu", "world")
 
 
-def load_dataset(spec: str, limit: int | None = None, seed: int = 0) -> list[EditRecord] | list[ForgetRecord]:
+def load_dataset(spec: str, limit: int | None = None, seed: int = 0, world_seed: int = 0) -> list[EditRecord] | list[ForgetRecord]:
     """Load records from a spec: `KIND:FILE` or `world[:PART]`.
 
     Kinds: `counterfact:FILE` (also `mcf:FILE` for MultiCounterFact), `zsre:FILE`,
     `kamel:FILE`, `tofu:FILE` (or `tofu:FILE#split` to name the split), `world`
     (edit records of the built-in world) and `world:forget01|forget05|forget10|retain|utility`.
     Edit datasets return `EditRecord`s, TOFU and world splits `ForgetRecord`s.
-    `seed` drives KAMEL's counterfactual targets and the world; `limit` keeps the first
-    records in file order.
+    `seed` drives KAMEL's counterfactual targets; the world is built from `world_seed`
+    (default 0, the world the shipped twins were trained on) so that a run's `--seed`
+    never silently swaps the facts the models know; `limit` keeps the first records in
+    file order.
     """
     _check_limit(limit)
     if not isinstance(spec, str) or not spec.strip():
@@ -672,7 +674,7 @@ def load_dataset(spec: str, limit: int | None = None, seed: int = 0) -> list[Edi
     kind, sep, rest = spec.strip().partition(":")
     kind = kind.lower()
     if kind == "world":
-        return _apply_limit(_load_world(rest or None, seed), limit)
+        return _apply_limit(_load_world(rest or None, world_seed), limit)
     if kind not in DATASET_KINDS:
         raise DatasetError(f"unknown dataset kind {kind!r} in {spec!r}; expected one of {', '.join(DATASET_KINDS)}")
     if not sep or not rest:

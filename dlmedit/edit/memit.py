@@ -1,0 +1,99 @@
+"""MEMIT (Meng et al., 2023): many facts at once, spread over several MLP layers.
+
+1. For all requests jointly: δ at the residual stream of the *last* edited layer
+   (shared value optimisation, site ``resid``), so the target z = h + δ.
+2. For each edited layer l, lowest first, on the model carrying the updates of the
+   layers below: keys K (mean ``mlp_key`` at the last subject token over contexts),
+   the current residual h at the last layer (bare prompt), R = z − h spread over the
+   layers left (:func:`~dlmedit.edit.solves.spread_residual`) and
+   Δ_l = R Kᵀ(λC_l + KKᵀ)⁻¹ (:func:`~dlmedit.edit.solves.memit_update`).
+
+Each layer's keys and the residual are read in one batched forward.  AlphaEdit reuses
+all of this and only replaces the per-layer solve (:meth:`MEMITEditor.solve_layer`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from dlmedit.data.records import EditRequest
+from dlmedit.edit.delta import EditDelta, to_param_layout
+from dlmedit.edit.editor import register_editor
+from dlmedit.edit.keys import EditContext, KeyedState, read_at_subject
+from dlmedit.edit.locate import LocateEditor, as_requests
+from dlmedit.edit.solves import memit_update, spread_residual
+from dlmedit.edit.values import optimise_values
+
+__all__ = ["MEMITEditor", "layer_keys_and_residual"]
+
+
+def layer_keys_and_residual(
+    lm: Any, contexts: Sequence[Sequence[EditContext]], layer: int, z_layer: int, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K ``[d_mlp, n]`` (keys at ``layer`` averaged over each request's contexts) and the current
+    residual ``[n, d_model]`` at ``z_layer`` in each request's bare prompt — one batched read."""
+    rows, owners = [], []
+    for i, ctxs in enumerate(contexts):
+        for c in ctxs:
+            rows.append(KeyedState(lm.paradigm.final_state(c.prompt_ids, c.target_ids), c.subject_index, i))
+            owners.append(i)
+    got = read_at_subject(lm, rows, [(layer, "mlp_key"), (z_layer, "resid")], batch_size)
+    keys, resid = got[(layer, "mlp_key")], got[(z_layer, "resid")]
+    owner_t = torch.tensor(owners)
+    n = len(contexts)
+    K = torch.zeros(n, keys.shape[1]).index_add_(0, owner_t, keys) / torch.bincount(owner_t, minlength=n).unsqueeze(1)
+    first = [owners.index(i) for i in range(n)]  # the bare prompt is each request's first context
+    return K.T.contiguous(), resid[first]
+
+
+@register_editor
+class MEMITEditor(LocateEditor):
+    """Mass-Editing Memory in a Transformer; see the module docstring."""
+
+    name = "memit"
+    config_name = "memit"
+    #: per layer of the last ``compute``: keys K, spread residual R, ΔW (diagnostics and tests).
+    last_solves: list[dict[str, Any]]
+
+    def solve_layer(self, index: int, layer: int, K: torch.Tensor, R: torch.Tensor, C: torch.Tensor | None) -> torch.Tensor:
+        """Update ``[d_out, d_in]`` of one layer from its keys and (already spread) residuals."""
+        return memit_update(K, R, C, float(self.hparams["mom2_update_weight"]))
+
+    def after_compute(self, keys: dict[int, torch.Tensor]) -> None:
+        """Hook for stateful methods (AlphaEdit remembers the keys of earlier edits)."""
+
+    def compute(self, requests: Sequence[EditRequest], progress: Callable[[str], None] | None = None) -> EditDelta:
+        requests = as_requests(requests)
+        self.validate(requests)
+        layers = self.layers(requests)
+        z_layer = layers[-1]
+        moments = self.second_moments(layers) if self.hparams["use_stats"] else dict.fromkeys(layers)
+        settings = self.value_settings(z_layer, "resid")
+        contexts = self.contexts(requests)
+        subjects = [r.subject for r in requests]
+        result = optimise_values(self.lm, contexts, subjects, settings, progress=progress)
+        z = (result.init + result.delta).double()
+        delta = self.new_delta(requests, extra={"layers": layers, "values": result.describe()})
+        used_keys: dict[int, torch.Tensor] = {}
+        self.last_solves = []
+        residual_norms = []
+        with self.applied_while_computing() as push:
+            for index, layer in enumerate(layers):
+                K, h = layer_keys_and_residual(self.lm, contexts, layer, z_layer, settings.batch_size)
+                R = spread_residual((z - h.double()).T, len(layers) - index)
+                residual_norms.append(float((z - h.double()).norm(dim=-1).mean()))
+                param, transposed, pname = self.down_weight(layer)
+                update = self.solve_layer(index, layer, K.double(), R, moments[layer])
+                update = update.to(param.dtype)
+                delta.add_matrix(pname, update, transposed=transposed)
+                push({pname: to_param_layout(update, transposed)})
+                used_keys[layer] = K
+                self.last_solves.append({"layer": layer, "param": pname, "K": K, "R": R, "update": update})
+                if progress is not None:
+                    progress(f"layer {layer}: residual {residual_norms[-1]:.4f}, ‖Δ‖ {float(update.norm()):.4f}")
+        delta.extra["residual_norms"] = residual_norms
+        self.after_compute(used_keys)
+        return delta

@@ -1,0 +1,1 @@
+"""The cross-paradigm study: stages, runner, summary and report."""
