@@ -22,7 +22,10 @@ $(BIN)/dlmedit: pyproject.toml
 install: $(BIN)/dlmedit
 
 demo: install
-	$(BIN)/dlmedit demo --seed $(SEED) --out $(OUT)
+	$(BIN)/dlmedit study --quick --seed $(SEED) --out $(OUT)
+
+study: install
+	$(BIN)/dlmedit study --seed $(SEED) --out runs/full
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from dlmedit.models import LanguageModel, load_model, wrap_model  # noqa: E402
+from dlmedit.models import LanguageModel, load_model, wrap_model
 
 __all__ = ["LanguageModel", "__version__", "load_model", "wrap_model"]

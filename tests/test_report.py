@@ -7,10 +7,10 @@ import shutil
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pytest  # noqa: E402
+import matplotlib.pyplot as plt
+import pytest
 
-from dlmedit.report.render import Report  # noqa: E402
+from dlmedit.report.render import Report
 
 
 def _report(tmp_path):

@@ -74,10 +74,11 @@ def build_summary(collected: dict[str, Any], config: dict[str, Any]) -> dict[str
         summary["trace"][model] = entry
     for model in results.get("layer_sweep", {}):
         cells = _seeds(results, "layer_sweep", model)
-        n_layers = len(cells[0]["rows"]) if cells else 0
+        n_rows = len(cells[0]["rows"]) if cells else 0
         summary["layer_sweep"][model] = [
-            {"layer": layer, **{m: over_seeds([c["rows"][layer][m] for c in cells]) for m in ("ES", "GenEM", "NS")}}
-            for layer in range(n_layers)
+            {"layer": cells[0]["rows"][i]["layer"],
+             **{m: over_seeds([c["rows"][i][m] for c in cells]) for m in ("ES", "GenEM", "NS")}}
+            for i in range(n_rows)
         ]
     for model in results.get("edits", {}):
         cells = _seeds(results, "edits", model)

@@ -60,8 +60,8 @@ class StudyConfig:
     @classmethod
     def preset(cls, quick: bool, **overrides: Any) -> StudyConfig:
         if quick:
-            base = cls(seeds=[0], quick=True, n_trace_facts=12, n_edit_facts=8, n_sweep_facts=4,
-                       n_forget_subjects=3, n_real_facts=4)
+            base = cls(seeds=[0], quick=True, n_trace_facts=12, n_edit_facts=4, n_sweep_facts=2,
+                       n_forget_subjects=3, n_real_facts=4, real_model=None)
         else:
             base = cls()
         for key, value in overrides.items():

@@ -1,0 +1,105 @@
+"""`dlmedit world export | train | recall`: the built-in fact world and its twin models."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dlmedit.cli.app import app, echo_json, friendly_errors, seed_everything
+
+#: step counts of the shipped twins' recipes (see README)
+DEFAULT_STEPS = {"arm": 1200, "mdm": 3500, "dream": 600}
+
+world_app = typer.Typer(help="The built-in world of fictitious facts and the twin models trained on it.",
+                        no_args_is_help=True)
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("export")
+@friendly_errors
+def export_command(out: Path = typer.Option(..., "--out"), seed: int = typer.Option(0, "--seed")) -> None:
+    """Write the world as CounterFact-format and TOFU-like JSON (plus templates)."""
+    from dlmedit.data.world import build_world, export_world
+
+    paths = export_world(build_world(seed), out)
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+
+
+@world_app.command("train")
+@friendly_errors
+def train_command(
+    paradigm: str = typer.Option(..., "--paradigm", help="arm | mdm | dream (dream: adapted from --init-from, an ARM twin)"),
+    out: Path = typer.Option(..., "--out"),
+    steps: int = typer.Option(None, help="training steps (default: the recipe's)"),
+    seed: int = typer.Option(0, "--seed"),
+    init_from: Path = typer.Option(None, help="checkpoint to start from (required for dream)"),
+    exclude_forget: str = typer.Option(None, help="train without a forget split's subjects, e.g. forget10"),
+    save_every: int = typer.Option(250),
+    eval_every: int = typer.Option(500),
+    threads: int = typer.Option(2),
+) -> None:
+    """Train (or resume) a twin; re-running the same command continues from its last checkpoint."""
+    from dlmedit.train.twins import train_twin
+
+    if paradigm not in ("arm", "mdm", "dream"):
+        raise typer.BadParameter("paradigm must be arm, mdm or dream")
+    seed_everything(seed)
+    start = time.perf_counter()
+    path = train_twin(paradigm, out, steps=steps or DEFAULT_STEPS[paradigm], seed=seed, init_from=init_from,
+                      exclude_forget=exclude_forget or False, save_every=save_every, eval_every=eval_every,
+                      n_threads=threads, progress=True)
+    typer.echo(f"{path} ({time.perf_counter() - start:.0f} s this run)")
+
+
+@world_app.command("recall")
+@friendly_errors
+def recall_command(
+    model: str = typer.Option("builtin:mdm", "--model", "-m"),
+    limit: int = typer.Option(None, help="facts to test (seeded sample; default all)"),
+    seed: int = typer.Option(0, "--seed"),
+    json_out: bool = typer.Option(False, "--json"),
+    batch_size: int = typer.Option(256),
+) -> None:
+    """Exact-match recall of the world's facts by real generation, by length bucket and template kind.
+
+    ARMs decode greedily; MDMs denoise a window of masks with LLaDA's low-confidence
+    sampler, one token per step.  The answer is the text up to the first EOS.
+    """
+    from dlmedit import load_model
+    from dlmedit.data.world import build_world
+    from dlmedit.train.twins import recall_items
+
+    seed_everything(seed)
+    lm = load_model(model)
+    window = getattr(lm.paradigm, "answer_window", None) or getattr(lm.module.config, "dlmedit_answer_window", None) or 8
+    items = recall_items(build_world(0), max_facts=limit, seed=seed)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    start = time.perf_counter()
+    for s in range(0, len(items), batch_size):
+        chunk = items[s : s + batch_size]
+        out = lm.generate([p for p, _, _ in chunk], window)
+        for (prompt, target, group), text in zip(chunk, out.texts, strict=True):
+            n = len(lm.encode_target(prompt, target))
+            bucket = str(n) if n < 4 else "4+"
+            ok = text.strip() == target.strip()
+            for key in (f"{group}/{bucket}", f"{group}/all", "all"):
+                hits[key].append(ok)
+    table = {k: {"recall": sum(v) / len(v), "n": len(v)} for k, v in sorted(hits.items())}
+    result = {"model": model, "paradigm": lm.paradigm.name, "settings": out.settings, "recall": table,
+              "seconds": round(time.perf_counter() - start, 1)}
+    if json_out:
+        echo_json(result)
+        return
+    t = Table(title=f"recall by generation: {model} ({lm.paradigm.name})")
+    for col in ("templates", "1", "2", "3", "4+", "all"):
+        t.add_column(col)
+    for group in ("train", "heldout"):
+        t.add_row(group, *[f"{table[f'{group}/{b}']['recall']:.3f}" if f"{group}/{b}" in table else "–"
+                           for b in ("1", "2", "3", "4+", "all")])
+    Console().print(t)
