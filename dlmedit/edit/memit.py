@@ -15,6 +15,7 @@ all of this and only replaces the per-layer solve (:meth:`MEMITEditor.solve_laye
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +28,17 @@ from dlmedit.edit.locate import LocateEditor, as_requests
 from dlmedit.edit.solves import memit_update, spread_residual
 from dlmedit.edit.values import optimise_values
 
-__all__ = ["MEMITEditor", "layer_keys_and_residual"]
+__all__ = ["MEMITEditor", "MEMITTargets", "layer_keys_and_residual"]
+
+
+@dataclass
+class MEMITTargets:
+    """Result of MEMIT's first step: the layers, the contexts and the residual targets z ``[n, d_model]``."""
+
+    layers: list[int]
+    contexts: list[list[EditContext]]
+    z: torch.Tensor
+    values: dict[str, Any]
 
 
 def layer_keys_and_residual(
@@ -68,21 +79,32 @@ class MEMITEditor(LocateEditor):
     def compute(self, requests: Sequence[EditRequest], progress: Callable[[str], None] | None = None) -> EditDelta:
         requests = as_requests(requests)
         self.validate(requests)
+        targets = self.fit_targets(requests, progress)
+        return self.distribute(requests, targets, progress)
+
+    def fit_targets(self, requests: Sequence[EditRequest], progress: Callable[[str], None] | None = None) -> MEMITTargets:
+        """Step 1: the residual target z of every request at the last edited layer (value optimisation)."""
         layers = self.layers(requests)
+        settings = self.value_settings(layers[-1], "resid")
+        contexts = self.contexts(requests)
+        result = optimise_values(self.lm, contexts, [r.subject for r in requests], settings, progress=progress)
+        return MEMITTargets(layers, contexts, (result.init + result.delta).double(), result.describe())
+
+    def distribute(
+        self, requests: Sequence[EditRequest], targets: MEMITTargets, progress: Callable[[str], None] | None = None
+    ) -> EditDelta:
+        """Step 2: spread z − h over the layers, lowest first, each solve on the model carrying the ones below."""
+        layers, contexts, z = targets.layers, targets.contexts, targets.z
         z_layer = layers[-1]
         moments = self.second_moments(layers) if self.hparams["use_stats"] else dict.fromkeys(layers)
-        settings = self.value_settings(z_layer, "resid")
-        contexts = self.contexts(requests)
-        subjects = [r.subject for r in requests]
-        result = optimise_values(self.lm, contexts, subjects, settings, progress=progress)
-        z = (result.init + result.delta).double()
-        delta = self.new_delta(requests, extra={"layers": layers, "values": result.describe()})
+        batch_size = int(self.hparams["batch_size"])
+        delta = self.new_delta(requests, extra={"layers": layers, "values": targets.values})
         used_keys: dict[int, torch.Tensor] = {}
         self.last_solves = []
         residual_norms = []
         with self.applied_while_computing() as push:
             for index, layer in enumerate(layers):
-                K, h = layer_keys_and_residual(self.lm, contexts, layer, z_layer, settings.batch_size)
+                K, h = layer_keys_and_residual(self.lm, contexts, layer, z_layer, batch_size)
                 R = spread_residual((z - h.double()).T, len(layers) - index)
                 residual_norms.append(float((z - h.double()).norm(dim=-1).mean()))
                 param, transposed, pname = self.down_weight(layer)
@@ -94,6 +116,9 @@ class MEMITEditor(LocateEditor):
                 self.last_solves.append({"layer": layer, "param": pname, "K": K, "R": R, "update": update})
                 if progress is not None:
                     progress(f"layer {layer}: residual {residual_norms[-1]:.4f}, ‖Δ‖ {float(update.norm()):.4f}")
+            # what is left after all layers (0 = the targets are met exactly at the bare prompts)
+            _, h = layer_keys_and_residual(self.lm, contexts, layers[0], z_layer, batch_size)
+            residual_norms.append(float((z - h.double()).norm(dim=-1).mean()))
         delta.extra["residual_norms"] = residual_norms
         self.after_compute(used_keys)
         return delta
