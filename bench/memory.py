@@ -12,8 +12,9 @@ Measures, in one process on the same model:
 2. **Insertion time** for N = 1, 10, 100, 400 facts: keys+deltas (batched forwards and one
    backward), one batched ridge update, and N one-at-a-time Woodbury updates (per-fact
    cost should not grow with N).
-3. **Peak memory** (RSS sampled by a thread) of building the memory vs training GA / NPO /
-   RMU on the same forget facts.
+3. **Peak memory** of building the memory vs training GA / NPO / RMU on the same forget
+   facts, each in a fresh subprocess (highest sampled RSS minus the RSS after loading the
+   model), so allocator caches of one method cannot hide another's peak.
 
 Background CPU load (``os.getloadavg``) is printed: the numbers are wall times.
 """
@@ -137,23 +138,42 @@ def insertion(lm, pool, counts: list[int]) -> list[dict]:
     return rows
 
 
-def peak_memory(lm, pool, n_forget: int, steps: int) -> list[dict]:
-    from dlmedit.unlearn.baselines import PeakMemory, TrainConfig, WeightSnapshot, run_training_baseline
+def _peak_one(model: str | None, method: str, n_forget: int, steps: int) -> dict:
+    """Run one method in this (fresh) process; peak of the sampled RSS relative to the RSS after loading.
+
+    (``ru_maxrss`` is useless here: loading the checkpoint peaks higher than any method.)
+    """
+    from dlmedit.unlearn.baselines import PeakMemory, TrainConfig, run_training_baseline
     from dlmedit.unlearn.experiments import MemorySettings, build_memory
 
+    lm, _ = _load(model)
+    pool = _fact_pool(lm, 2 * n_forget)
     forget, retain = pool[:n_forget], pool[n_forget : 2 * n_forget]
-    rows = []
-    with PeakMemory() as mem, warnings.catch_warnings():
+    lm.fingerprint()
+    t0 = time.perf_counter()
+    with PeakMemory(interval=0.002) as mem, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t0 = time.perf_counter()
-        build_memory(lm, forget, MemorySettings(key_stats="none"))
-        wall = time.perf_counter() - t0
-    rows.append({"method": "memory", "wall_s": wall, "peak_rss_mb": mem.peak_mb, "rss_increase_mb": mem.increase_mb})
-    for method in ("ga", "npo", "rmu"):
-        with WeightSnapshot(lm.module):
-            res = run_training_baseline(lm, method, forget, retain, TrainConfig(steps=steps))
-        rows.append({"method": method, "wall_s": res.wall_time_s, "peak_rss_mb": res.peak_rss_mb,
-                     "rss_increase_mb": res.rss_increase_mb})
+        if method == "memory":
+            build_memory(lm, forget, MemorySettings(key_stats="none"))
+        else:
+            run_training_baseline(lm, method, forget, retain, TrainConfig(steps=steps))
+    wall = time.perf_counter() - t0
+    return {"method": method, "wall_s": wall, "rss_after_load_mb": mem.start / 2**20, "peak_rss_mb": mem.peak_mb,
+            "peak_increase_mb": mem.increase_mb}
+
+
+def peak_memory(model: str | None, n_forget: int, steps: int, threads: int) -> list[dict]:
+    """Each method in its own subprocess, so allocator caches of one cannot hide another's peak."""
+    import subprocess
+
+    rows = []
+    for method in ("memory", "ga", "npo", "rmu"):
+        cmd = [sys.executable, __file__, "--peak-one", method, "--forget", str(n_forget), "--steps", str(steps),
+               "--threads", str(threads)]
+        if model is not None:
+            cmd += ["--model", model]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
 
 
@@ -168,8 +188,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="training steps of the baselines in the memory comparison")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--peak-one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.peak_one:
+        print(json.dumps(_peak_one(args.model, args.peak_one, args.forget, args.steps)))
+        return
     counts = [int(c) for c in args.counts.split(",")]
     lm, name = _load(args.model)
     pool = _fact_pool(lm, max(max(counts), 2 * args.forget, args.batch, args.overhead_facts))
@@ -185,10 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"{r['n_facts']:>5} {r['targets_s']:>14.3f} {r['targets_ms_per_fact']:>8.2f} {r['batch_update_s']:>12.4f} "
               f"{r['incremental_ms_per_fact']:>14.3f} {r['incremental_vs_batch_max_abs']:>15.2e}")
-    report["peak_memory"] = mem = peak_memory(lm, pool, args.forget, args.steps)
+    report["peak_memory"] = mem = peak_memory(args.model, args.forget, args.steps, args.threads)
     for r in mem:
         print(f"{r['method']:>8}: wall {r['wall_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
-              f"(+{r['rss_increase_mb']:.1f} MB during the call)")
+              f"(+{r['peak_increase_mb']:.1f} MB over the loaded model; fresh process)")
     report["load_avg_end"] = os.getloadavg()
     print(f"load average at end {report['load_avg_end']}")
     if args.json:

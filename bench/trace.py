@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -92,7 +93,9 @@ def capitals(lm, n: int, samples: int, window: int, seed: int = 0) -> None:
     chosen = random.Random(seed).sample(pairs, n)
     facts = [(f"The capital of {c} is", c, cap) for c, cap in chosen]
     t0 = time.perf_counter()
-    traces, failures = trace_facts(lm, facts, TraceConfig(samples=samples, window=window, seed=seed))
+    with tqdm(total=len(facts), desc="capital facts") as bar:
+        traces, failures = trace_facts(lm, facts, TraceConfig(samples=samples, window=window, seed=seed),
+                                       progress=bar.update)
     console = Console(width=160)
     console.print(f"traced {len(traces)} capital facts in {time.perf_counter() - t0:.0f} s "
                   f"({sum(t.correct for t in traces)} predicted correctly; {len(failures)} failed)")

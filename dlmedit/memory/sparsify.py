@@ -35,16 +35,21 @@ def check_q(q: int | None, width: int) -> int:
 def sparsify_mask(v: torch.Tensor, q: int) -> torch.Tensor:
     """Boolean mask (same shape as ``v``) selecting exactly ``q`` entries along the last dim.
 
-    Ties at the q-th magnitude are broken towards lower indices: all entries strictly
-    above the q-th largest magnitude are kept, then the remaining slots go to the
-    entries equal to it in index order.  Vectorised (one ``topk`` + a ``cumsum``).
+    Ties at the q-th magnitude are broken towards lower indices.  Fast path (one
+    ``topk`` of q+1 values): when the (q+1)-th largest magnitude is strictly below the
+    q-th, ``|v| ≥ q-th`` selects exactly q entries.  Only if some row has a tie
+    straddling the cut are all entries above the q-th kept and the remaining slots
+    given to the tied entries in index order (a ``cumsum``).
     """
     width = v.shape[-1]
     check_q(q, width)
     if q == width:
         return torch.ones_like(v, dtype=torch.bool)
     mag = v.abs()
-    threshold = mag.topk(q, dim=-1, sorted=True).values[..., -1:]
+    top = mag.topk(q + 1, dim=-1, sorted=True).values
+    threshold = top[..., q - 1 : q]
+    if not bool((top[..., q : q + 1] == threshold).any()):
+        return mag >= threshold
     above = mag > threshold
     ties = mag == threshold
     remaining = q - above.sum(-1, keepdim=True)

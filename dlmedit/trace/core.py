@@ -19,7 +19,9 @@ forward, and three kinds of work that a per-cell loop repeats are done once:
    corrupted run's.  The same holds for restoring only the last layer at a column
    no readout reads (the final norm and unembedding act per column).  And cells whose
    windows clip to the same layers (e.g. every MLP window of a 6-layer model with
-   window 10 is layers 0–5 or 0–4) are one computation, done once.
+   window 10 is layers 0–5 or 0–4) are one computation, done once; and a window
+   nested in a shorter one with the same start (clipped at the bottom: [0, 6) ⊃
+   [0, 5)) is copied from that row where they part, instead of from the corrupted run.
 3. **Readout-only head.**  Forwards stop after the last layer; the final norm and the
    unembedding run only at the readout columns (checked once per fact against the
    model's own logits; if they differ — e.g. a logit soft-cap — full logits are used).
@@ -141,12 +143,16 @@ class _Rows:
     state: np.ndarray
     sample: np.ndarray
     branch: np.ndarray  # resid output of this layer is where the row joins; −1 = from the input
+    parent: np.ndarray  # layer of the nested-window row this one can be copied from (same site/col/state/sample), −1
+    pbranch: np.ndarray  # where it joins when copied from that parent
+
+    FIELDS = ("site", "layer", "col", "state", "sample", "branch", "parent", "pbranch")
 
     def __len__(self) -> int:
         return len(self.site)
 
     def take(self, idx: np.ndarray) -> _Rows:
-        return _Rows(*(a[idx] for a in (self.site, self.layer, self.col, self.state, self.sample, self.branch)))
+        return _Rows(*(getattr(self, f)[idx] for f in self.FIELDS))
 
 
 class _Context:
@@ -176,9 +182,15 @@ def _embed_noise_op(ctx: _Context, samples: torch.Tensor, noisy: torch.Tensor) -
 def _run_chunk(ctx: _Context, rows: _Rows, grow: bool) -> tuple[torch.Tensor, int]:
     """Log-probs [len(rows), Lt] of the rows of one forward, and the layer-rows it processed."""
     lm, plan, K, S, L, dev = ctx.lm, ctx.plan, ctx.K, ctx.S, ctx.L, ctx.lm.device
-    branch = rows.branch if grow else np.full(len(rows), -1)
+    keys = list(zip(rows.site.tolist(), rows.layer.tolist(), rows.col.tolist(), rows.state.tolist(),
+                    rows.sample.tolist(), strict=True))
+    in_chunk = set(keys)
+    use_parent = np.array([p >= 0 and (si, p, c, k, smp) in in_chunk for (si, _, c, k, smp), p in
+                           zip(keys, rows.parent.tolist(), strict=True)], dtype=bool)
+    branch = np.where(use_parent, rows.pbranch, rows.branch) if grow else np.full(len(rows), -1)
+    use_parent &= grow
     order = np.argsort(branch, kind="stable")
-    rows, branch = rows.take(order), branch[order]
+    rows, branch, use_parent = rows.take(order), branch[order], use_parent[order]
     n_base = K * S
     base_state = np.repeat(np.arange(K), S)
     base_sample = np.tile(np.arange(S), K)
@@ -189,6 +201,15 @@ def _run_chunk(ctx: _Context, rows: _Rows, grow: bool) -> tuple[torch.Tensor, in
     layer_of = np.concatenate([np.full(n_base, -1), rows.layer])
     col_of = np.concatenate([np.zeros(n_base, int), rows.col])
     n_init = int((all_branch == -1).sum())
+    # batch position each joining row is copied from: its corrupted base row, or its nested-window parent
+    source = all_state * S + all_sample
+    if use_parent.any():
+        position = {key: n_base + i for i, key in enumerate(zip(
+            rows.site.tolist(), rows.layer.tolist(), rows.col.tolist(), rows.state.tolist(), rows.sample.tolist(),
+            strict=True))}
+        for i in np.nonzero(use_parent)[0]:
+            source[n_base + i] = position[(int(rows.site[i]), int(rows.parent[i]), int(rows.col[i]),
+                                           int(rows.state[i]), int(rows.sample[i]))]
     # batch size present at the input of each layer j: rows joined at the output of layers < j
     present = np.array([n_init + int(((all_branch >= 0) & (all_branch < j)).sum()) for j in range(L + 1)])
 
@@ -223,7 +244,7 @@ def _run_chunk(ctx: _Context, rows: _Rows, grow: bool) -> tuple[torch.Tensor, in
         if not len(fix) and not len(join) and not (last and ctx.shortcut):
             continue
         fix_r, fix_c, fix_k = t(fix), t(col_of[fix]), t(all_state[fix])
-        src = t(all_state[join] * S + all_sample[join])
+        src = t(source[join])
         jfix = np.nonzero((site_of[join] == resid_si) & (layer_of[join] == j))[0]
         jfix_r, jfix_c, jfix_k = t(jfix), t(col_of[join][jfix]), t(all_state[join][jfix])
         clean_j = ctx.clean["resid"][j] if "resid" in ctx.clean else None
@@ -295,14 +316,29 @@ def _build_rows(ctx: _Context, noop: dict[str, torch.Tensor]) -> tuple[_Rows, np
             dupes.append(np.stack([np.full(int(dup.sum()), si), layer[dup], col[dup], state[dup], rep[layer[dup]]], 1))
         keep = ~skip & ~dup
         branch = layer if site == "resid" else lo[layer] - 1
+        # Nested windows (same start, clipped at the bottom of the stack): [lo, hi) equals its nearest
+        # shorter sibling [lo, h') up to layer h' − 1, so it is copied from that row there — or from the
+        # corrupted row if the sibling is a no-op (then it *is* the corrupted row).
+        parent = np.full(L, -1)
+        if site != "resid":
+            for j in range(L):
+                shorter = [q for q in range(L) if rep[q] == q and lo[q] == lo[j] and hi[q] < hi[j]]
+                if shorter:
+                    parent[j] = max(shorter, key=lambda q: hi[q])
+        par = parent[layer]
+        has_parent = par >= 0
+        pbranch = np.where(has_parent, hi[par.clip(0)] - 1, -1)
+        parent_skipped = has_parent & skip[par.clip(0), state, col]
+        branch = np.where(parent_skipped, pbranch, branch)
+        par = np.where(parent_skipped, -1, par)
         n_noop += int(skip.sum())
         n = int(keep.sum())
         parts.append(_Rows(
             site=np.repeat(np.full(n, si), S), layer=np.repeat(layer[keep], S), col=np.repeat(col[keep], S),
             state=np.repeat(state[keep], S), sample=np.tile(np.arange(S), n), branch=np.repeat(branch[keep], S),
+            parent=np.repeat(par[keep], S), pbranch=np.repeat(pbranch[keep], S),
         ))
-    rows = _Rows(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                   ("site", "layer", "col", "state", "sample", "branch")))
+    rows = _Rows(*(np.concatenate([getattr(p, f) for p in parts]) for f in _Rows.FIELDS))
     dup_arr = np.concatenate(dupes) if dupes else np.zeros((0, 5), dtype=int)
     return rows, dup_arr, n_noop, len(dup_arr)
 
@@ -352,7 +388,7 @@ def run_plan(lm: LanguageModel, plan: TracePlan, max_elements: int = 2**25, grow
     width = max(lm.adapter.d_mlp, lm.adapter.d_model) if shortcut else int(lm.adapter.head().weight.shape[0])
     per_chunk = max(1, max_elements // (T * width) - K * S)
     cell_lp = corr_lp.unsqueeze(0).unsqueeze(0).unsqueeze(0).repeat(len(plan.sites), L, T, 1, 1, 1).clone()
-    order = np.lexsort((rows.col, rows.layer, rows.branch))
+    order = np.lexsort((rows.layer, rows.sample, rows.state, rows.col, rows.site))  # nested windows stay together
     rows = rows.take(order)
     for start in range(0, len(rows), per_chunk):
         chunk = rows.take(np.arange(start, min(start + per_chunk, len(rows))))
