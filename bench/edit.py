@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import time
 from typing import Any
 
@@ -33,29 +32,14 @@ import torch
 
 def _requests(n: int, seed: int = 0) -> list[Any]:
     """Capital-city rewrites from countryinfo (timing only: the model need not know them); world facts otherwise."""
-    from dlmedit.data.records import EditRequest
-
     try:
-        from countryinfo import all_countries
+        from dlmedit.data.capitals import capital_pairs, capital_records
 
-        pairs = []
-        for c in all_countries():
-            try:
-                name, cap = c.name(), c.capital()
-            except Exception:  # countryinfo raises various errors for incomplete entries
-                continue
-            if isinstance(cap, str) and name and cap and name[0].isalpha() and len(name) < 20 and len(cap) < 20:
-                pairs.append((name.title() if name.islower() else name, cap))
-        random.Random(seed).shuffle(pairs)
-        pairs = pairs[:n]
-        if len(pairs) == n:
-            return [EditRequest("The capital of {} is", s, pairs[(i + 7) % n][1], c, case_id=i)
-                    for i, (s, c) in enumerate(pairs)]
-    except ImportError:
-        pass
-    from dlmedit.data.loaders import load_dataset
+        return [r.request for r in capital_records(capital_pairs(seed), n, seed, n_neighbours=0)]
+    except (ImportError, ValueError):  # countryinfo missing, or fewer capitals than n
+        from dlmedit.data.loaders import load_dataset
 
-    return [r.request for r in load_dataset("world", limit=n)]
+        return [r.request for r in load_dataset("world", limit=n)]
 
 
 def _timed(fn: Any) -> tuple[Any, float]:

@@ -15,30 +15,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(model: str | None):
-    from dlmedit import load_model
-    from dlmedit.errors import CheckpointNotFoundError
-
-    if model is not None:
-        return load_model(model), model
-    try:
-        return load_model("builtin:mdm"), "builtin:mdm"
-    except CheckpointNotFoundError:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny_models import write_checkpoint  # the test suite's tiny random checkpoints
-
-        path = write_checkpoint("llada", Path(tempfile.mkdtemp(prefix="dlmedit-bench-")) / "llada")
-        return load_model(str(path)), "tiny random llada (builtin:mdm not trained yet)"
+from _common import load_bench_model  # bench/ is on sys.path when a script here runs
 
 
 def _same(a: dict, b: dict, tol: float = 1e-3) -> bool:
@@ -64,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    lm, label = _load(args.model)
+    lm, label = load_bench_model(args.model)
     records = load_dataset(args.dataset, limit=args.limit)
     settings = MeasureSettings(generation=not args.no_generation)
     measure_records(lm, records[:2], settings)  # warm-up (allocations, lazy imports)

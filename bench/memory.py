@@ -26,30 +26,12 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(model: str | None):
-    from dlmedit import load_model
-    from dlmedit.errors import CheckpointNotFoundError
-
-    if model is not None:
-        return load_model(model), model
-    try:
-        return load_model("builtin:mdm"), "builtin:mdm"
-    except CheckpointNotFoundError:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny_models import write_checkpoint
-
-        path = write_checkpoint("llada", Path(tempfile.mkdtemp(prefix="dlmedit-bench-")) / "llada")
-        return load_model(str(path)), "tiny random LLaDA (no built-in twin found)"
+from _common import load_bench_model  # bench/ is on sys.path when a script here runs
 
 
 def _fact_pool(lm, n: int):
@@ -113,28 +95,18 @@ def overhead(lm, pool, n_facts: int, repeats: int, batch: int) -> dict:
 
 def insertion(lm, pool, counts: list[int]) -> list[dict]:
     from dlmedit.memory.residual import ResidualMemory
-    from dlmedit.memory.ridge import IncrementalRidge
-    from dlmedit.unlearn.experiments import memory_facts
+    from dlmedit.unlearn.experiments import memory_facts, time_insertion
 
     rows = []
     for n in counts:
         memory = ResidualMemory(lm, lam=1.0)
-        facts = memory_facts(pool[:n])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            t0 = time.perf_counter()
-            targets = memory.compute_targets(facts)
-            t1 = time.perf_counter()
-        memory.insert_targets(targets)
-        t2 = time.perf_counter()
-        inc = IncrementalRidge(memory.width, memory.width, memory.lam)
-        t3 = time.perf_counter()
-        for i in range(n):
-            inc.insert(targets.keys[i : i + 1], targets.deltas[i : i + 1])
-        t4 = time.perf_counter()
-        rows.append({"n_facts": n, "targets_s": t1 - t0, "batch_update_s": t2 - t1, "incremental_s": t4 - t3,
-                     "targets_ms_per_fact": (t1 - t0) / n * 1e3, "incremental_ms_per_fact": (t4 - t3) / n * 1e3,
-                     "incremental_vs_batch_max_abs": float((inc.W - memory.W).abs().max())})
+            t = time_insertion(memory, memory_facts(pool[:n]))
+        rows.append({"n_facts": n, "targets_s": t["targets_s"], "batch_update_s": t["solve_s"],
+                     "incremental_s": t["incremental_s"], "targets_ms_per_fact": t["targets_s"] / n * 1e3,
+                     "incremental_ms_per_fact": t["incremental_s"] / n * 1e3,
+                     "incremental_vs_batch_max_abs": t["incremental_vs_batch_max_abs"]})
     return rows
 
 
@@ -146,7 +118,7 @@ def _peak_one(model: str | None, method: str, n_forget: int, steps: int) -> dict
     from dlmedit.unlearn.baselines import PeakMemory, TrainConfig, run_training_baseline
     from dlmedit.unlearn.experiments import MemorySettings, build_memory
 
-    lm, _ = _load(model)
+    lm, _ = load_bench_model(model)
     pool = _fact_pool(lm, 2 * n_forget)
     forget, retain = pool[:n_forget], pool[n_forget : 2 * n_forget]
     lm.fingerprint()
@@ -195,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(_peak_one(args.model, args.peak_one, args.forget, args.steps)))
         return
     counts = [int(c) for c in args.counts.split(",")]
-    lm, name = _load(args.model)
+    lm, name = load_bench_model(args.model)
     pool = _fact_pool(lm, max(max(counts), 2 * args.forget, args.batch, args.overhead_facts))
     report = {"model": name, "threads": args.threads, "load_avg_start": os.getloadavg()}
     print(f"model: {name}  ({lm!r}); load average {report['load_avg_start']}")

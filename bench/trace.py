@@ -18,7 +18,6 @@ torch thread) is the steadier measure, so both are shown.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import tempfile
 import time
@@ -77,21 +76,11 @@ def bench_one(name: str, lm, fact: tuple[str, str, str], samples: int, window: i
 
 def capitals(lm, n: int, samples: int, window: int, seed: int = 0) -> None:
     """Trace n capital facts (seeded sample of countryinfo countries) and print where the MLP effect peaks."""
-    from countryinfo import all_countries
-
+    from dlmedit.data.capitals import capital_pairs, capital_records
     from dlmedit.trace import TraceConfig, average_traces, trace_facts
 
-    pairs = []
-    for country in all_countries():
-        try:
-            name, capital = country.name(), country.capital()
-        except Exception:
-            continue
-        if name and capital:
-            pairs.append((name, capital))
-    pairs.sort()
-    chosen = random.Random(seed).sample(pairs, n)
-    facts = [(f"The capital of {c} is", c, cap) for c, cap in chosen]
+    records = capital_records(capital_pairs(seed), n, seed, n_neighbours=0)
+    facts = [(r.request.prompt, r.request.subject, r.request.target_true) for r in records]
     t0 = time.perf_counter()
     with tqdm(total=len(facts), desc="capital facts") as bar:
         traces, failures = trace_facts(lm, facts, TraceConfig(samples=samples, window=window, seed=seed),

@@ -1,4 +1,4 @@
-"""The user cache directory and crash-safe file writes.
+"""The user cache directory, crash-safe file writes and file checksums.
 
 Why this exists: dlmedit caches expensive artefacts (second-moment statistics take
 hours on real models) and writes result files that later runs resume from.  A file
@@ -7,11 +7,14 @@ cache / results file in the project is written through the helpers here: the dat
 goes to a temporary file in the *same directory*, is flushed and fsynced, and is then
 renamed over the destination with :func:`os.replace`, which is atomic on POSIX and
 Windows.  Readers therefore see either the old file or the new one, never a prefix.
+Saved tensors carry a sha256 of their file (:func:`sha256_file`) in their JSON sidecar,
+so a file swapped or corrupted behind the sidecar's back is detected on load.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -28,6 +31,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "cache_dir",
+    "hash_file_into",
+    "sha256_file",
 ]
 
 CACHE_ENV_VAR = "DLMEDIT_CACHE"
@@ -168,3 +173,20 @@ def atomic_save_safetensors(
             metadata=dict(metadata) if metadata is not None else None,
         )
     return dest
+
+
+def hash_file_into(h: Any, path: str | os.PathLike[str]) -> None:
+    """Feed the bytes of ``path`` into the hashlib object ``h``, 1 MiB at a time.
+
+    Chunked so that checksumming a multi-GB statistics or delta file never holds it in memory.
+    """
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes (the checksum recorded next to saved tensors)."""
+    h = hashlib.sha256()
+    hash_file_into(h, path)
+    return h.hexdigest()

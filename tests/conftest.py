@@ -28,3 +28,16 @@ def tiny_models(tiny_checkpoints: dict[str, Path]):
     from dlmedit import load_model
 
     return {family: load_model(str(path)) for family, path in tiny_checkpoints.items()}
+
+
+@pytest.fixture()
+def one_thread():
+    """Run a test on one intra-op thread, restoring the previous count afterwards.
+
+    Tiny models gain nothing from threads and lose a lot when other processes share the
+    cores; test modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -24,13 +24,7 @@ from dlmedit.paradigm.base import GenerationResult, ScoreResult
 SCORES_ONLY = MeasureSettings(generation=False, token_accuracy=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and lose a lot when other processes share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- a fake scorer

@@ -31,13 +31,7 @@ FACTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a loaded 2-core machine they lose a lot."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lstsq_reference(K: torch.Tensor, D: torch.Tensor, lam: float) -> torch.Tensor:

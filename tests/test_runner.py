@@ -27,13 +27,7 @@ from dlmedit.evaluate.runner import (
 FAST = MeasureSettings(generation=False, token_accuracy=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and lose a lot when other processes share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (subject, template, new, true) in the tiny models' word-level vocabulary; targets of 1-4 tokens
 FACTS = [
@@ -374,3 +368,26 @@ def test_cli_unknown_method(tiny_checkpoints, tmp_path):
     data = write_counterfact(tmp_path / "cf.json")
     result = _cli("--method", "nope", "--dataset", f"counterfact:{data}", "--out", str(tmp_path / "o"))
     assert result.exit_code == 2 and "unknown edit method" in result.output
+
+
+def test_eval_lengths_filter(tiny_checkpoints, tmp_path):
+    """--lengths keeps only records whose target_new falls in the buckets; bad buckets are refused."""
+    from typer.testing import CliRunner
+
+    from dlmedit.cli.eval import parse_lengths
+    from dlmedit.cli.main import app
+    from dlmedit.evaluate.measure import EvalConfigError
+
+    assert parse_lengths("3, 4+") == {"3", "4+"}
+    assert parse_lengths(None) == set()
+    with pytest.raises(EvalConfigError, match="unknown bucket"):
+        parse_lengths("5")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["eval", "--method", "none", "-d", "world", "-m", str(tiny_checkpoints["llama"]),
+                                      "--lengths", "1", "--limit", "3", "--no-generation", "--no-progress",
+                                      "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    assert len(rows) == 3
+    run = json.loads((out / "run.json").read_text())
+    assert run["identity"]["lengths"] == ["1"]

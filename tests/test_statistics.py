@@ -21,14 +21,7 @@ from dlmedit.edit.statistics import (
 )
 from dlmedit.interventions import Intervention, count_hooks, intervene
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and do not stall when the CPU is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _texts(n: int = 60, seed: int = 0) -> list[str]:

@@ -96,8 +96,8 @@ def test_small_chunks_equal_one_chunk(tiny_models):
 
 
 def test_causal_model_skips_tokens_before_subject(tiny_models):
-    arm = run_plan(tiny_models["llama"], build_plan(tiny_models["llama"], PROMPT, SUBJECT, TARGET, samples=2))
-    mdm = run_plan(tiny_models["llada"], build_plan(tiny_models["llada"], PROMPT, SUBJECT, TARGET, samples=2))
+    arm = run_plan(tiny_models["llama"], build_plan(tiny_models["llama"], PROMPT, SUBJECT, TARGET, samples=2, window=10))
+    mdm = run_plan(tiny_models["llada"], build_plan(tiny_models["llada"], PROMPT, SUBJECT, TARGET, samples=2, window=10))
     # 3 tokens precede "france": all their cells are exact no-ops in a causal model, none in a bidirectional one;
     # in both, restoring the last layer's hidden state off the readout columns cannot reach the readout
     T_arm, T_mdm = 6, 7  # prompt of 5 + "paris" (teacher forced) / + 2 masks; only the first token is read
@@ -339,3 +339,13 @@ def test_cli_trace(tiny_checkpoints, tmp_path):
     bad = runner.invoke(app, ["trace", "--model", str(tiny_checkpoints["llama"]), "--prompt", PROMPT,
                               "--subject", "spain", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "SubjectNotFoundError" in bad.output and "'the', 'capital'" in bad.output
+
+
+def test_default_window_scales_with_depth(tiny_models):
+    from dlmedit.trace import default_window
+
+    assert [default_window(n) for n in (1, 6, 30, 48)] == [1, 1, 6, 10]
+    plan = build_plan(tiny_models["llama"], PROMPT, SUBJECT, TARGET, samples=1)
+    assert plan.window == default_window(tiny_models["llama"].n_layers)
+    with pytest.raises(ValueError, match="window"):
+        build_plan(tiny_models["llama"], PROMPT, SUBJECT, TARGET, samples=1, window=0)

@@ -25,13 +25,7 @@ RETAIN = [
 UTILITY = [QAItem("the capital of france is", "paris"), QAItem("a city in north", "france")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a loaded 2-core machine they lose a lot."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _forget_lp(lm) -> float:

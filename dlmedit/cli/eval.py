@@ -35,6 +35,37 @@ def parse_hparams(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+LENGTH_BUCKETS = ("1", "2", "3", "4+")
+
+
+def parse_lengths(text: str | None) -> set[str]:
+    """``"3,4+"`` → {"3", "4+"}; None/empty → no filter.  Unknown buckets are an error, not ignored."""
+    from dlmedit.evaluate.measure import EvalConfigError
+
+    if not text:
+        return set()
+    items = {t.strip() for t in text.split(",") if t.strip()}
+    bad = sorted(items - set(LENGTH_BUCKETS))
+    if bad:
+        raise EvalConfigError(f"--lengths {text!r}: unknown bucket(s) {bad}; use {', '.join(LENGTH_BUCKETS)}")
+    return items
+
+
+def select_lengths(lm: Any, records: list[Any], buckets: set[str], limit: int | None) -> list[Any]:
+    """The first ``limit`` records (dataset order) whose target_new falls in ``buckets``.
+
+    Why by target_new: the edit writes target_new, and the multi-token question is about
+    how many tokens the edited model must now produce.
+    """
+    from dlmedit.data.records import length_bucket
+    from dlmedit.evaluate.measure import EvalConfigError, target_length
+
+    kept = [r for r in records if length_bucket(target_length(lm, r)) in buckets]
+    if not kept:
+        raise EvalConfigError(f"no record of the dataset has a target_new in length bucket(s) {sorted(buckets)}")
+    return kept[:limit] if limit else kept
+
+
 @app.command("eval")
 @friendly_errors
 def eval_command(
@@ -43,7 +74,10 @@ def eval_command(
                                 help="world | counterfact:FILE | mcf:FILE | zsre:FILE | kamel:FILE"),
     out: Path = typer.Option(..., "--out", "-o", help="results directory (results.jsonl, run.json, summary.json)"),
     model: str = typer.Option("builtin:mdm", "--model", "-m", help="alias (see `dlmedit models`) or checkpoint"),
-    limit: int = typer.Option(None, help="evaluate the first N records of the dataset"),
+    limit: int = typer.Option(None, help="evaluate the first N records of the dataset (after --lengths)"),
+    lengths: str = typer.Option(None, "--lengths",
+                                help="keep only records whose target_new has these token-length buckets, "
+                                     "e.g. 1 or 3,4+ (buckets 1, 2, 3, 4+; measured with the model's tokenizer)"),
     protocol: str = typer.Option("single", help="single (edit, measure, revert per record) | batch | sequential"),
     every: int = typer.Option(None, help="sequential: re-measure all earlier edits every K edits (default N/10)"),
     target_states: str = typer.Option("final", help="final | partial | trajectory (passed to the editor)"),
@@ -84,13 +118,18 @@ def eval_command(
     settings = MeasureSettings(estimator=estimator, score_options=score_options, generation=generation,
                                sampler=sampler_options, gen_window=gen_window, fluency=fluency,
                                fluency_tokens=fluency_tokens, batch_size=batch_size)
-    config = EvalConfig(model=model, method=method, dataset=dataset, protocol=protocol, limit=limit, every=every,
+    buckets = parse_lengths(lengths)
+    config = EvalConfig(model=model, lengths=sorted(buckets) or None, method=method, dataset=dataset, protocol=protocol, limit=limit, every=every,
                         target_states=target_states, hparams=parse_hparams(hparam), seed=seed, measure=settings,
                         chunk_size=chunk_size)
-    records = load_dataset(dataset, limit=limit, seed=seed)
-    preflight(config, out, len(records), overwrite=overwrite)
+    records = load_dataset(dataset, limit=None if buckets else limit, seed=seed)
+    if not buckets:
+        preflight(config, out, len(records), overwrite=overwrite)
     seed_everything(seed)
     lm = load_model(model, trust_remote_code=trust_remote_code)
+    if buckets:
+        records = select_lengths(lm, records, buckets, limit)
+        preflight(config, out, len(records), overwrite=overwrite)
     console = Console(stderr=json_out)
     summary = run_evaluation(lm, records, config, out, overwrite=overwrite, progress=progress,
                              console=None if json_out else console)

@@ -11,6 +11,32 @@ import typer
 from dlmedit.cli.app import app, friendly_errors, seed_everything
 
 
+def parse_stage_options(items: list[str]) -> dict[str, dict[str, object]]:
+    """``["unlearning.alpha=0.5"]`` → ``{"unlearning": {"alpha": 0.5}}`` (values parsed as YAML).
+
+    Unknown keys are rejected by the stage itself when it runs (it knows its settings);
+    here only the shape is checked, so a typo in the stage name fails at once.
+    """
+    import yaml
+
+    from dlmedit.study import stages as _stages  # noqa: F401  (registers the stages)
+    from dlmedit.study.runner import stage_names
+
+    out: dict[str, dict[str, object]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        stage_name, dot, name = key.strip().partition(".")
+        if not sep or not dot or not stage_name or not name:
+            raise typer.BadParameter(f"--option expects STAGE.KEY=VALUE, got {item!r}")
+        if stage_name not in stage_names():
+            raise typer.BadParameter(f"--option {item!r}: unknown stage {stage_name!r}; known: {', '.join(stage_names())}")
+        try:
+            out.setdefault(stage_name, {})[name] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            raise typer.BadParameter(f"cannot parse the value of --option {item!r}: {exc}") from None
+    return out
+
+
 @app.command("study")
 @friendly_errors
 def study_command(
@@ -22,6 +48,9 @@ def study_command(
     stages: str = typer.Option("", "--stages", help="comma-separated subset of stages (default: all)"),
     real_model: str = typer.Option(None, "--real-model", help="real model for the real-model section ('' to skip)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing study in --out first"),
+    option: list[str] = typer.Option(None, "--option",
+                                     help="stage setting STAGE.KEY=VALUE (YAML value, repeatable), "
+                                          "e.g. unlearning.alpha=0.5 or real_model.trace_samples=5"),
 ) -> None:
     """Run (or resume) the study and write summary.json, report.html and report.md."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -42,6 +71,7 @@ def study_command(
     )
     if real_model is not None:
         config.real_model = real_model or None
+    config.options = parse_stage_options(option or [])
     start = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn()) as bar:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import typer
@@ -73,25 +72,16 @@ def recall_command(
     """
     from dlmedit import load_model
     from dlmedit.data.world import build_world
-    from dlmedit.train.twins import recall_items
+    from dlmedit.train.twins import recall_items, recall_lm
 
     seed_everything(seed)
     lm = load_model(model)
     window = getattr(lm.paradigm, "answer_window", None) or getattr(lm.module.config, "dlmedit_answer_window", None) or 8
     items = recall_items(build_world(0), max_facts=limit, seed=seed)
-    hits: dict[str, list[bool]] = defaultdict(list)
     start = time.perf_counter()
-    for s in range(0, len(items), batch_size):
-        chunk = items[s : s + batch_size]
-        out = lm.generate([p for p, _, _ in chunk], window)
-        for (prompt, target, group), text in zip(chunk, out.texts, strict=True):
-            n = len(lm.encode_target(prompt, target))
-            bucket = str(n) if n < 4 else "4+"
-            ok = text.strip() == target.strip()
-            for key in (f"{group}/{bucket}", f"{group}/all", "all"):
-                hits[key].append(ok)
-    table = {k: {"recall": sum(v) / len(v), "n": len(v)} for k, v in sorted(hits.items())}
-    result = {"model": model, "paradigm": lm.paradigm.name, "settings": out.settings, "recall": table,
+    res = recall_lm(lm, items, window=window, batch_size=batch_size)
+    table = {k: {"recall": hit / n, "n": n} for k, (hit, n) in res["counts"].items()}
+    result = {"model": model, "paradigm": lm.paradigm.name, "window": window, "recall": table,
               "seconds": round(time.perf_counter() - start, 1)}
     if json_out:
         echo_json(result)

@@ -208,13 +208,18 @@ def _check_limit(limit: int | None) -> None:
 # ----------------------------------------------------------------------------- field access
 
 
-def _text(row: Mapping[str, Any], key: str) -> str:
+def _typed(row: Mapping[str, Any], key: str, kind: type, noun: str) -> Any:
+    """``row[key]``, which must be present and an instance of ``kind`` (``noun`` names it in errors)."""
     if key not in row:
         raise _RecordProblem(f"missing key {key!r}")
     value = row[key]
-    if not isinstance(value, str):
-        raise _RecordProblem(f"{key!r} must be a string, got {type(value).__name__}")
+    if not isinstance(value, kind):
+        raise _RecordProblem(f"{key!r} must be {noun}, got {type(value).__name__}")
     return value
+
+
+def _text(row: Mapping[str, Any], key: str) -> str:
+    return _typed(row, key, str, "a string")
 
 
 def _opt_text(row: Mapping[str, Any], key: str) -> str | None:
@@ -234,12 +239,7 @@ def _texts(row: Mapping[str, Any], key: str, *, scalar_ok: bool = False) -> tupl
 
 
 def _obj(row: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    if key not in row:
-        raise _RecordProblem(f"missing key {key!r}")
-    value = row[key]
-    if not isinstance(value, dict):
-        raise _RecordProblem(f"{key!r} must be an object, got {type(value).__name__}")
-    return value
+    return _typed(row, key, dict, "an object")
 
 
 def _first_key(row: Mapping[str, Any], keys: Sequence[str]) -> str | None:

@@ -15,9 +15,27 @@ hashing and equality.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any
 
 from dlmedit.errors import DlmeditError
+
+LENGTH_BUCKETS = ("1", "2", "3", "4+")
+
+
+def length_bucket(n_tokens: int) -> str:
+    """Target-length bucket "1", "2", "3" or "4+" (tokens), the by-length reporting unit.
+
+    It lives with the record types because both the world generator (which balances
+    counterfactual targets per bucket) and the metrics layer (which reports per bucket)
+    must agree on the same boundaries.  Numpy integers are accepted (they are
+    `numbers.Integral`); bools and floats are rejected so a length is never guessed.
+    """
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, Integral):
+        raise TypeError(f"n_tokens must be an integer, got {type(n_tokens).__name__}")
+    if n_tokens < 1:
+        raise ValueError(f"a target has at least one token, got {n_tokens}")
+    return str(int(n_tokens)) if n_tokens < 4 else "4+"
 
 
 class InvalidRecordError(DlmeditError, ValueError):

@@ -23,6 +23,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dlmedit.data.records import length_bucket
+
 __all__ = [
     "RELATIONS",
     "Fact",
@@ -33,15 +35,6 @@ __all__ = [
     "export_world",
     "length_bucket",
 ]
-
-LENGTH_BUCKETS = ("1", "2", "3", "4+")
-
-
-def length_bucket(n_tokens: int) -> str:
-    """Bucket label used for by-length reporting ("1", "2", "3", "4+")."""
-    if n_tokens < 1:
-        raise ValueError(f"a target has at least one token, got {n_tokens}")
-    return str(n_tokens) if n_tokens < 4 else "4+"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dlmedit.cache import atomic_save_safetensors, atomic_write_json, cache_dir
+from dlmedit.cache import atomic_save_safetensors, atomic_write_json, cache_dir, hash_file_into, sha256_file
 from dlmedit.edit.errors import StatisticsError
 from dlmedit.edit.solves import check_finite
 
@@ -180,9 +180,7 @@ def corpus_hash(source: Iterable[str] | str | os.PathLike[str]) -> str:
 def _hash_file_into(h: Any, path: Path) -> None:
     size = path.stat().st_size
     h.update(size.to_bytes(8, "little"))
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    hash_file_into(h, path)
 
 
 # --------------------------------------------------------------------------- cache
@@ -213,14 +211,6 @@ def stats_cache_paths(
     return root / f"stats-{digest}.safetensors", root / f"stats-{digest}.json"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_expected(stats: Mapping[str, torch.Tensor], expected_shapes: Mapping[str, Any] | None) -> None:
     if expected_shapes is None:
         return
@@ -248,7 +238,7 @@ def _load_cached(
         raise _InvalidCache("sidecar is not a dlmedit statistics record")
     if meta.get("key") != json.loads(canonical):
         raise _InvalidCache("sidecar records different key fields (hash collision or overwritten file)")
-    if verify_checksum and meta.get("sha256") != _sha256_file(tensor_path):
+    if verify_checksum and meta.get("sha256") != sha256_file(tensor_path):
         raise _InvalidCache("tensor file does not match the checksum in the sidecar (truncated or corrupt)")
     try:
         stats = load_file(str(tensor_path))
@@ -321,7 +311,7 @@ def load_or_compute_stats(
             "format": _STATS_FORMAT,
             "format_version": _STATS_FORMAT_VERSION,
             "key": json.loads(canonical),
-            "sha256": _sha256_file(tensor_path),
+            "sha256": sha256_file(tensor_path),
             "tensors": {
                 name: {
                     "shape": list(t.shape),

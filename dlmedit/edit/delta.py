@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import os
 import weakref
@@ -26,7 +25,7 @@ from typing import Any, Self
 import torch
 from torch import nn
 
-from dlmedit.cache import atomic_save_safetensors, atomic_write_json
+from dlmedit.cache import atomic_save_safetensors, atomic_write_json, sha256_file
 from dlmedit.edit.errors import DeltaFormatError, ModelMismatchError, RevertError
 from dlmedit.models.fingerprint import model_fingerprint
 
@@ -98,14 +97,6 @@ def _dtype_from_name(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise DeltaFormatError(f"unknown dtype {name!r} in {DELTA_JSON}")
     return dtype
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _get_parameter(model: nn.Module, name: str) -> nn.Parameter:
@@ -453,7 +444,7 @@ class EditDelta:
             metadata={"format": _FORMAT, "method": self.method},
         )
         meta = self.metadata()
-        meta["tensors_sha256"] = _sha256_file(tensor_path)
+        meta["tensors_sha256"] = sha256_file(tensor_path)
         atomic_write_json(out / DELTA_JSON, meta)
         return out
 
@@ -482,7 +473,7 @@ class EditDelta:
                 f"version {_FORMAT_VERSION}"
             )
         expected_sha = meta.get("tensors_sha256")
-        if expected_sha is not None and _sha256_file(tensor_path) != expected_sha:
+        if expected_sha is not None and sha256_file(tensor_path) != expected_sha:
             raise DeltaFormatError(
                 f"{tensor_path} does not match the checksum recorded in {json_path}: the file is "
                 "corrupt or from a different save"

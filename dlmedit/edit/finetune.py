@@ -22,24 +22,15 @@ from dlmedit.edit.editor import register_editor
 from dlmedit.edit.hparams import EditConfigError
 from dlmedit.edit.keys import KeyedState
 from dlmedit.edit.locate import LocateEditor, as_requests
-from dlmedit.edit.values import build_state_rows, frozen_parameters, rows_nll
+from dlmedit.edit.values import build_state_rows, frozen_parameters, mlp_key_injection, rows_nll
 from dlmedit.interventions import Intervention, intervene
 
 __all__ = ["FTEditor"]
 
 
 def _weight_ops(layer: int, update: torch.Tensor) -> list[Intervention]:
-    captured: dict[str, torch.Tensor] = {}
-
-    def capture(keys: torch.Tensor) -> torch.Tensor:
-        captured["k"] = keys
-        return keys
-
-    def inject(out: torch.Tensor) -> torch.Tensor:
-        keys = captured.pop("k")
-        return out + (keys.float() @ update.T).to(out.dtype)
-
-    return [Intervention(layer, "mlp_key", "fn", fn=capture), Intervention(layer, "mlp_out", "fn", fn=inject)]
+    """ΔW enters the forward pass as out += ΔW k_t (the weights themselves stay untouched)."""
+    return mlp_key_injection(layer, lambda keys: keys @ update.T)
 
 
 @register_editor
@@ -53,10 +44,7 @@ class FTEditor(LocateEditor):
         start = time.perf_counter()
         requests = as_requests(requests)
         self.validate(requests)
-        layers = self.layers(requests)
-        if len(layers) != 1:
-            raise EditConfigError(f"FT-L tunes exactly one layer, got layers {layers}")
-        layer = layers[0]
+        layer = self.single_layer(requests)
         h = self.hparams
         eps = float(h["norm_constraint"])
         if not eps > 0:

@@ -102,6 +102,13 @@ class LocateEditor(Editor):
             raise EditConfigError(f"layers must be indices, depth fractions or 'trace', got {spec!r}")
         return sorted(resolve_layers(self.lm, spec))
 
+    def single_layer(self, requests: Sequence[EditRequest] | None = None) -> int:
+        """The edit layer of a one-layer method (ROME, FT-L): several layers are an error, never a silent pick."""
+        layers = self.layers(requests)
+        if len(layers) != 1:
+            raise EditConfigError(f"{self.name} edits exactly one layer, got layers {layers}; use memit for several")
+        return layers[0]
+
     def value_settings(self, layer: int, site: str, **changes: Any) -> ValueSettings:
         h = self.hparams
         base = dict(

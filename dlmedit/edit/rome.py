@@ -25,7 +25,6 @@ import torch
 from dlmedit.data.records import EditRequest
 from dlmedit.edit.delta import EditDelta, to_param_layout, weight_matrix_view
 from dlmedit.edit.editor import register_editor
-from dlmedit.edit.hparams import EditConfigError
 from dlmedit.edit.keys import KeyedState, read_at_subject
 from dlmedit.edit.locate import LocateEditor, as_requests
 from dlmedit.edit.solves import rank_one_update
@@ -52,10 +51,7 @@ class ROMEEditor(LocateEditor):
     def compute(self, requests: Sequence[EditRequest], progress: Callable[[str], None] | None = None) -> EditDelta:
         requests = as_requests(requests)
         self.validate(requests)
-        layers = self.layers(requests)
-        if len(layers) != 1:
-            raise EditConfigError(f"ROME edits exactly one layer, got layers {layers}; use memit for several")
-        layer = layers[0]
+        layer = self.single_layer(requests)
         param, transposed, pname = self.down_weight(layer)
         C = self.second_moments([layer])[layer] if self.hparams["use_stats"] else None
         C_inv = torch.cholesky_inverse(torch.linalg.cholesky(C)) if C is not None else None

@@ -40,6 +40,7 @@ import torch
 
 from dlmedit.edit.keys import FACT_TOKENS, EditContext, KeyedState, keyed_token, read_at_subject, subject_columns
 from dlmedit.interventions import Intervention, intervene
+from dlmedit.paradigm.base import TARGET_STATE_KINDS
 
 if TYPE_CHECKING:
     from dlmedit.models.language_model import LanguageModel
@@ -52,11 +53,11 @@ __all__ = [
     "ValueSettings",
     "build_state_rows",
     "frozen_parameters",
+    "mlp_key_injection",
     "optimise_values",
     "rows_nll",
 ]
 
-TARGET_STATE_KINDS = ("final", "partial", "trajectory")
 VALUE_MODES = ("subject_only", "weight_update")
 
 
@@ -109,18 +110,33 @@ class RankOneInjection:
         """Interventions adding Σ_i δ_i · u_iᵀk_t / u_iᵀk*_i at every position t of ``layer``'s MLP output."""
         u = self.u
         denom = (self.u * self.k_star).sum(-1)
-        captured: dict[str, torch.Tensor] = {}
 
-        def capture(keys: torch.Tensor) -> torch.Tensor:
-            captured["k"] = keys
-            return keys
+        def term(keys: torch.Tensor) -> torch.Tensor:
+            coef = (keys @ u.to(keys.device).T) / denom.to(keys.device)
+            return coef @ delta.to(keys.device)
 
-        def inject(out: torch.Tensor) -> torch.Tensor:
-            keys = captured.pop("k")
-            coef = (keys.float() @ u.to(keys.device).T) / denom.to(keys.device)
-            return out + (coef @ delta.to(keys.device)).to(out.dtype)
+        return mlp_key_injection(layer, term)
 
-        return [Intervention(layer, "mlp_key", "fn", fn=capture), Intervention(layer, "mlp_out", "fn", fn=inject)]
+
+def mlp_key_injection(layer: int, term: Callable[[torch.Tensor], torch.Tensor]) -> list[Intervention]:
+    """Interventions adding ``term(k_t)`` to ``layer``'s MLP output at every position t (k_t: that MLP's key).
+
+    Why: a change ΔW of the down projection adds ΔW k_t to the MLP output, so reading
+    the key before the projection and adding the term after it lets ROME's
+    ``weight_update`` values and FT-L train a weight change through the forward pass
+    without touching the weights.  ``term`` receives the keys in float32; its result
+    is cast back to the output's dtype.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(keys: torch.Tensor) -> torch.Tensor:
+        captured["k"] = keys
+        return keys
+
+    def inject(out: torch.Tensor) -> torch.Tensor:
+        return out + term(captured.pop("k").float()).to(out.dtype)
+
+    return [Intervention(layer, "mlp_key", "fn", fn=capture), Intervention(layer, "mlp_out", "fn", fn=inject)]
 
 
 @dataclass

@@ -58,6 +58,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.stats import ks_2samp
 
+from dlmedit.data.records import LENGTH_BUCKETS, length_bucket
+
 __all__ = [
     "LENGTH_BUCKETS",
     "TfidfModel",
@@ -82,17 +84,6 @@ __all__ = [
     "truth_ratio",
     "truth_ratio_score",
 ]
-
-LENGTH_BUCKETS = ("1", "2", "3", "4+")
-
-
-def length_bucket(n_tokens: int) -> str:
-    """Target-length bucket "1", "2", "3" or "4+" (tokens), the by-length reporting unit."""
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int | np.integer):
-        raise TypeError(f"n_tokens must be an integer, got {type(n_tokens).__name__}")
-    if n_tokens < 1:
-        raise ValueError(f"a target has at least one token, got {n_tokens}")
-    return str(int(n_tokens)) if n_tokens < 4 else "4+"
 
 
 def _vector(values: ArrayLike, what: str) -> np.ndarray:

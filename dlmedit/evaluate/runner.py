@@ -145,6 +145,8 @@ class EvalConfig:
     seed: int = 0
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     chunk_size: int = 32
+    #: target-length buckets the records were filtered to (``--lengths``); None = all
+    lengths: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -175,9 +177,13 @@ def _canonical(obj: Any) -> Any:
 
 def _identity(config: EvalConfig, lm: LanguageModel, fingerprint: str, n_records: int) -> dict[str, Any]:
     """The part of run.json two runs must share to write into the same results file."""
-    return _canonical({
-        "model_fingerprint": fingerprint,
-        "paradigm": lm.paradigm.describe(),
+    return _canonical({"model_fingerprint": fingerprint, "paradigm": lm.paradigm.describe(),
+                       **_config_identity(config, n_records)})
+
+
+def _config_identity(config: EvalConfig, n_records: int) -> dict[str, Any]:
+    """The model-independent part of the identity (checked before the model is loaded, too)."""
+    identity = {
         "method": config.method,
         "hparams": config.editor_hparams(),
         "dataset": config.dataset,
@@ -188,7 +194,10 @@ def _identity(config: EvalConfig, lm: LanguageModel, fingerprint: str, n_records
         "target_states": config.target_states,
         "seed": config.seed,
         "measure": config.measure.describe(),
-    })
+    }
+    if config.lengths:
+        identity["lengths"] = sorted(config.lengths)
+    return _canonical(identity)
 
 
 # ----------------------------------------------------------------------------- results file
@@ -627,12 +636,7 @@ def preflight(config: EvalConfig, out: str | os.PathLike[str], n_records: int, *
         old = json.loads(run_path.read_text(encoding="utf-8")).get("identity", {})
     except (OSError, json.JSONDecodeError, AttributeError) as exc:
         raise ResultsFileError(f"{run_path} is not a valid run file ({exc}); start anew with --overwrite") from exc
-    new = _canonical({
-        "method": config.method, "hparams": config.editor_hparams(), "dataset": config.dataset,
-        "limit": config.limit, "n_records": n_records, "protocol": config.protocol,
-        "every": config.every_for(n_records) if config.protocol == "sequential" else None,
-        "target_states": config.target_states, "seed": config.seed, "measure": config.measure.describe(),
-    })
+    new = _config_identity(config, n_records)
     _compare({k: v for k, v in old.items() if k not in _MODEL_KEYS}, new, Path(out))
 
 

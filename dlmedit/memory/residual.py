@@ -36,7 +36,6 @@ last subject token — ROME's GPT-2 XL layer 17/48, GPT-J 5/28); pass the traced
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -48,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import torch
 
-from dlmedit.cache import atomic_save_safetensors, atomic_write_json
+from dlmedit.cache import atomic_save_safetensors, atomic_write_json, sha256_file
 from dlmedit.edit.errors import ModelMismatchError
 from dlmedit.errors import DlmeditError
 from dlmedit.interventions import Intervention, intervene
@@ -365,7 +364,7 @@ class ResidualMemory:
             "model_name": getattr(self.lm, "name", ""),
             **self.describe(),
             "facts": [e.meta() for e in self.entries.values()],
-            "tensors_sha256": _sha256(out / MEMORY_TENSORS),
+            "tensors_sha256": sha256_file(out / MEMORY_TENSORS),
         }
         atomic_write_json(out / MEMORY_JSON, meta)
         return out
@@ -386,7 +385,7 @@ class ResidualMemory:
             raise MemoryFormatError(f"{json_path} is not valid JSON: {exc}") from exc
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("format_version") != _VERSION:
             raise MemoryFormatError(f"{json_path} is not a version-{_VERSION} {_FORMAT} file")
-        if meta.get("tensors_sha256") != _sha256(tensor_path):
+        if meta.get("tensors_sha256") != sha256_file(tensor_path):
             raise MemoryFormatError(f"{tensor_path} does not match the checksum in {json_path} (corrupt or mixed saves)")
         actual = lm.fingerprint()
         if meta.get("model_fingerprint") != actual:
@@ -426,11 +425,3 @@ def _key_stats_from(info: dict[str, Any] | None, tensors: dict[str, torch.Tensor
         raise MemoryFormatError("memory.json describes key statistics that memory.safetensors does not hold")
     return KeyStatistics(tensors["key_stats.mean"].double(), tensors.get("key_stats.transform"), info["kind"],
                          int(info["n_positions"]), float(info["eps"]))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 class ARParadigm(Paradigm):
     """Token j of the target is read from the logits at the column before it (teacher forcing).
 
-    An ARM has exactly one target state, so ``partial`` and ``trajectory`` states
-    collapse to it — editors ask for states without caring which paradigm they face.
+    An ARM has exactly one target state (``has_intermediate_states = False``), so the
+    base class collapses ``partial`` and ``trajectory`` requests to it.
     """
 
     name = "arm"
@@ -28,22 +28,6 @@ class ARParadigm(Paradigm):
         row = list(state.prompt_ids) + list(state.target_ids[:-1])
         p = len(state.prompt_ids)
         return row, [p - 1 + j for j in range(len(state.target_ids))]
-
-    def final_state(self, prompt_ids: Sequence[int], target_ids: Sequence[int]) -> TargetState:
-        return TargetState(tuple(prompt_ids), tuple(target_ids), (False,) * len(target_ids), "final")
-
-    def target_states(
-        self,
-        lm: LanguageModel,
-        prompt_ids: Sequence[int],
-        target_ids: Sequence[int],
-        kind: str = "final",
-        n: int = 8,
-        generator: torch.Generator | None = None,
-    ) -> list[TargetState]:
-        if kind not in ("final", "partial", "trajectory"):
-            raise ValueError(f"unknown target-state kind {kind!r}; use final, partial or trajectory")
-        return [self.final_state(prompt_ids, target_ids)]
 
     @torch.no_grad()
     def score(
@@ -58,14 +42,9 @@ class ARParadigm(Paradigm):
         if estimator not in (None, "teacher_forcing", "exact", "chain"):
             raise EstimatorError(f"estimator {estimator!r} does not apply to an autoregressive model (teacher_forcing)")
         states = [self.final_state(*lm.encode_pair(p, t)) for p, t in zip(prompts, targets, strict=True)]
-        results: list[ScoreResult] = []
-        for start in range(0, len(states), batch_size):
-            chunk = states[start : start + batch_size]
-            lp = self.target_logprobs(lm, chunk).cpu()
-            for b, state in enumerate(chunk):
-                n = len(state.target_ids)
-                results.append(ScoreResult(list(state.target_ids), lp[b, :n].tolist(), "teacher_forcing"))
-        return results
+        rows = self.target_logprobs_chunked(lm, states, batch_size)
+        return [ScoreResult(list(s.target_ids), row[: len(s.target_ids)].tolist(), "teacher_forcing")
+                for s, row in zip(states, rows, strict=True)]
 
     @torch.no_grad()
     def generate(

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from dlmedit.models.language_model import LanguageModel
 
 
+#: what ``Paradigm.target_states`` can be asked for.
+TARGET_STATE_KINDS = ("final", "partial", "trajectory")
+
+
 @dataclass(frozen=True)
 class TargetState:
     """One way the model can see (prompt, target) while producing the target.
@@ -197,12 +201,28 @@ class Paradigm(ABC):
         logits = lm.logits(batch.input_ids, batch.attention_mask)
         return batch.target_logprobs(logits)
 
-    # -- states --------------------------------------------------------------------
-    @abstractmethod
-    def final_state(self, prompt_ids: Sequence[int], target_ids: Sequence[int]) -> TargetState:
-        """The state a target is read in when nothing of it is known yet (ARM: teacher forcing)."""
+    def target_logprobs_chunked(
+        self, lm: LanguageModel, states: Sequence[TargetState], batch_size: int = 64
+    ) -> list[torch.Tensor]:
+        """Per state, its row of :meth:`target_logprobs` on the CPU, ``batch_size`` states per forward.
 
-    @abstractmethod
+        Rows are padded to the longest target of their chunk; slice ``[: len(target_ids)]``.
+        Chunking bounds memory when thousands of states are scored at once.
+        """
+        rows: list[torch.Tensor] = []
+        for start in range(0, len(states), batch_size):
+            rows.extend(self.target_logprobs(lm, states[start : start + batch_size]).cpu())
+        return rows
+
+    # -- states --------------------------------------------------------------------
+    def final_state(self, prompt_ids: Sequence[int], target_ids: Sequence[int]) -> TargetState:
+        """The state a target is read in when nothing of it is known yet (ARM: teacher forcing).
+
+        Nothing is revealed in both paradigms (an ARM's teacher-forced row and an MDM's
+        all-masked window), so the state is the same; only ``state_row`` differs.
+        """
+        return TargetState(tuple(prompt_ids), tuple(target_ids), (False,) * len(target_ids), "final")
+
     def target_states(
         self,
         lm: LanguageModel,
@@ -212,7 +232,22 @@ class Paradigm(ABC):
         n: int = 8,
         generator: torch.Generator | None = None,
     ) -> list[TargetState]:
-        """States to fit or probe an edit on: ``final``, ``partial`` (random reveals), ``trajectory``."""
+        """States to fit or probe an edit on: ``final``, ``partial`` (random reveals), ``trajectory``.
+
+        A paradigm without intermediate states (ARM) has exactly one target state, so
+        ``partial`` and ``trajectory`` collapse to it — editors ask for states without
+        caring which paradigm they face.  Otherwise ``intermediate_states`` enumerates them.
+        """
+        if kind not in TARGET_STATE_KINDS:
+            raise ValueError(f"unknown target-state kind {kind!r}; use final, partial or trajectory")
+        if kind == "final" or not self.has_intermediate_states:
+            return [self.final_state(prompt_ids, target_ids)]
+        return self.intermediate_states(lm, prompt_ids, target_ids, kind, n, generator)
+
+    def intermediate_states(self, lm: LanguageModel, prompt_ids: Sequence[int], target_ids: Sequence[int],
+                            kind: str, n: int, generator: torch.Generator | None) -> list[TargetState]:
+        """``partial`` or ``trajectory`` states; only paradigms with ``has_intermediate_states`` have them."""
+        raise NotImplementedError(f"{type(self).__name__} sets has_intermediate_states but does not enumerate them")
 
     # -- scoring / generation --------------------------------------------------------
     @abstractmethod

@@ -63,9 +63,6 @@ class MaskedDiffusionParadigm(Paradigm):
         return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
 
     # -- states --------------------------------------------------------------------
-    def final_state(self, prompt_ids: Sequence[int], target_ids: Sequence[int]) -> TargetState:
-        return TargetState(tuple(prompt_ids), tuple(target_ids), (False,) * len(target_ids), "final")
-
     def partial_states(
         self, prompt_ids: Sequence[int], target_ids: Sequence[int], n: int, generator: torch.Generator | None = None
     ) -> list[TargetState]:
@@ -85,23 +82,13 @@ class MaskedDiffusionParadigm(Paradigm):
             states.append(TargetState(tuple(prompt_ids), tuple(target_ids), revealed, "partial"))
         return states
 
-    def target_states(
-        self,
-        lm: LanguageModel,
-        prompt_ids: Sequence[int],
-        target_ids: Sequence[int],
-        kind: str = "final",
-        n: int = 8,
-        generator: torch.Generator | None = None,
-    ) -> list[TargetState]:
-        if kind == "final":
-            return [self.final_state(prompt_ids, target_ids)]
+    def intermediate_states(self, lm: LanguageModel, prompt_ids: Sequence[int], target_ids: Sequence[int],
+                            kind: str, n: int, generator: torch.Generator | None) -> list[TargetState]:
+        """``partial``: the final state plus ``n - 1`` random reveals; ``trajectory``: the confidence path."""
         if kind == "partial":
             return [self.final_state(prompt_ids, target_ids), *self.partial_states(prompt_ids, target_ids, n - 1, generator)]
-        if kind == "trajectory":
-            paths, _ = self.reveal_paths(lm, [(list(prompt_ids), list(target_ids))], order="confidence")
-            return paths[0]
-        raise ValueError(f"unknown target-state kind {kind!r}; use final, partial or trajectory")
+        paths, _ = self.reveal_paths(lm, [(list(prompt_ids), list(target_ids))], order="confidence")
+        return paths[0]
 
     @torch.no_grad()
     def reveal_paths(
@@ -137,7 +124,7 @@ class MaskedDiffusionParadigm(Paradigm):
                     owners.append(i)
                     picks.append(j)
                     rev[j] = True
-            lp = self._logprobs_chunked(lm, states)
+            lp = self.target_logprobs_chunked(lm, states)
             for state, i, j, row in zip(states, owners, picks, lp, strict=True):
                 paths[i].append(TargetState(state.prompt_ids, state.target_ids, state.revealed, "trajectory"))
                 logps[i][j] = float(row[j])
@@ -159,12 +146,6 @@ class MaskedDiffusionParadigm(Paradigm):
                 logps[i][j] = float(lp[row, j])
                 revealed[i][j] = True
         return paths, logps
-
-    def _logprobs_chunked(self, lm: LanguageModel, states: Sequence[TargetState], batch_size: int = 64) -> list[torch.Tensor]:
-        rows: list[torch.Tensor] = []
-        for start in range(0, len(states), batch_size):
-            rows.extend(self.target_logprobs(lm, states[start : start + batch_size]).cpu())
-        return rows
 
     # -- scoring ---------------------------------------------------------------------
     @torch.no_grad()
@@ -206,7 +187,7 @@ class MaskedDiffusionParadigm(Paradigm):
         for chosen, idx in groups.items():
             sub = [pairs[i] for i in idx]
             if chosen == "exact":
-                lp = self._logprobs_chunked(lm, [self.final_state(p, t) for p, t in sub], batch_size)
+                lp = self.target_logprobs_chunked(lm, [self.final_state(p, t) for p, t in sub], batch_size)
                 for i, row in zip(idx, lp, strict=True):
                     results[i] = ScoreResult(list(pairs[i][1]), [float(row[0])], "exact")
             elif chosen == "chain":
@@ -234,7 +215,7 @@ class MaskedDiffusionParadigm(Paradigm):
                 revealed[j] = False
             states.append(TargetState(tuple(prompt_ids), tuple(target_ids), tuple(revealed), "mc"))
             weights.append(L / k)
-        lp = torch.stack(self._logprobs_chunked(lm, states, batch_size))
+        lp = torch.stack(self.target_logprobs_chunked(lm, states, batch_size))
         per_token = (lp * torch.tensor(weights).unsqueeze(1)).mean(0) / 1.0
         return ScoreResult(list(target_ids), per_token.tolist(), f"mc_elbo:{n}")
 

@@ -78,11 +78,15 @@ def summary_means(summary: dict[str, Any], state: str = "post") -> dict[str, Any
 
 
 def evaluate_method(ctx: StageContext, lm: Any, records: list[Any], method: str, protocol: str, tag: str,
-                    target_states: str = "final", **hparams: Any) -> dict[str, Any]:
-    """One resumable `run_evaluation` under the stage folder; returns flattened post-edit means."""
+                    target_states: str = "final", dataset: str = "world", **hparams: Any) -> dict[str, Any]:
+    """One resumable `run_evaluation` under the stage folder; returns flattened post-edit means.
+
+    ``dataset`` is the label recorded in the run's identity (``run_evaluation`` refuses
+    to resume a folder written for another label), e.g. ``"world"`` or a capitals spec.
+    """
     from dlmedit.evaluate.runner import EvalConfig, run_evaluation
 
-    config = EvalConfig(model=ctx.model, method=method, dataset="world", protocol=protocol,
+    config = EvalConfig(model=ctx.model, method=method, dataset=dataset, protocol=protocol,
                         target_states=target_states, hparams=hparams, seed=ctx.seed)
     out = ctx.out_dir / f"{ctx.model.replace(':', '_')}__seed{ctx.seed}" / tag
     summary = run_evaluation(lm, records, config, out)
@@ -211,3 +215,223 @@ def _mean_masked_prob(lm: Any, states: list[Any]) -> list[float]:
     logprobs = batch.target_logprobs(lm.logits(batch.input_ids, batch.attention_mask))
     probs = torch.where(batch.scored, logprobs.exp(), torch.zeros_like(logprobs))
     return (probs.sum(1) / batch.scored.sum(1).clamp(min=1)).tolist()
+
+
+# ----------------------------------------------------------------------------- options
+def stage_options(ctx: StageContext, name: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The stage's knobs: its preset defaults updated with ``config.options[name]`` (unknown keys refused).
+
+    Options are part of the study configuration (and so of its digest): a resumed study
+    cannot silently mix cells run with different knobs.
+    """
+    given = ctx.config.options.get(name) or {}
+    if not isinstance(given, dict):
+        raise ValueError(f"study option {name!r} must be a mapping of knobs, got {type(given).__name__}")
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {name} option(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+# ----------------------------------------------------------------------------- 4. edit memory vs unlearning baselines
+WORLD_FORGET_SPLITS = ("forget01", "forget05", "forget10")
+UNLEARN_KEYS = ("forget_lp", "retain_lp", "utility_lp", "model_utility", "forget_lp_drop", "d_retain_lp",
+                "d_utility_lp", "d_model_utility", "d_forget_para_lp", "d_forget_icl_lp")
+UNLEARN_LEVELS = ("forget_lp", "retain_lp", "utility_lp", "model_utility")
+
+
+def unlearning_defaults(quick: bool) -> dict[str, Any]:
+    """Preset knobs of the unlearning stage (the training recipe is the unlearn CLI's: 5 epochs, lr 1e-4, batch 16).
+
+    Quick keeps every part cheap: few training steps, few retain rows, a short
+    sequential curve and no α sweep / ablation.
+    """
+    from dlmedit.unlearn.experiments import METHODS
+
+    return {
+        "methods": list(METHODS),
+        "n_retain": 20 if quick else 100,
+        "n_background": 600,
+        "epochs": 5.0,
+        "max_steps": 3 if quick else None,
+        "lr": 1e-4,
+        "batch_size": 16,
+        "alphas": [] if quick else [0.25, 0.5, 1.0, 2.0, 4.0],
+        "sequential": 4 if quick else 50,
+        "eval_every": 2 if quick else 5,
+        "ablation_draws": 0 if quick else 3,
+        "trace_coordinate": False,
+    }
+
+
+def forget_sets(ctx: StageContext, n_subjects: int, n_retain: int) -> tuple[Any, str]:
+    """Forget / retain / utility sets with ``n_subjects`` forget subjects sampled with the study seed.
+
+    The smallest world forget split holding enough subjects is loaded (retain rows of
+    all its subjects are excluded, as the unlearn CLI does), then its subjects are
+    sampled, so each seed forgets a different set.
+    """
+    from dlmedit.data.loaders import load_dataset
+    from dlmedit.unlearn.evaluate import EvalSets
+
+    if n_subjects < 1:
+        raise ValueError(f"n_forget_subjects must be ≥ 1, got {n_subjects}")
+    subjects: list[str] = []
+    for split in WORLD_FORGET_SPLITS:
+        subjects = sorted({r.subject for r in load_dataset(f"world:{split}") if r.subject})
+        if len(subjects) >= n_subjects:
+            break
+    else:
+        raise ValueError(f"the largest world forget split has {len(subjects)} subjects; "
+                         f"n_forget_subjects={n_subjects} is too many")
+    sets = EvalSets.from_specs(f"world:{split}", "world:retain", "world:utility", n_retain=n_retain, seed=ctx.seed)
+    chosen = sorted(random.Random(f"{ctx.seed}:unlearning").sample(subjects, n_subjects))
+    forget = [it for it in sets.forget if it.subject in set(chosen)]
+    info = {**sets.info, "forget": f"world:{split}", "forget_subjects": chosen}
+    return EvalSets(forget, sets.retain, sets.utility, info, sets.spare), split
+
+
+def _unlearn_numbers(row: dict[str, Any]) -> dict[str, Any]:
+    from dlmedit.unlearn.experiments import finite_or_none
+
+    return finite_or_none({k: row.get(k) for k in UNLEARN_KEYS})
+
+
+@stage("unlearning")
+def unlearning_stage(ctx: StageContext) -> dict[str, Any]:
+    """Forget world subjects with the residual edit memory and every baseline; α sweep, sequential curve, ablation."""
+    import time
+    from dataclasses import asdict, replace
+
+    from dlmedit.unlearn import experiments as ex
+    from dlmedit.unlearn.baselines import TrainConfig
+    from dlmedit.unlearn.evaluate import evaluate_unlearning
+
+    opts = stage_options(ctx, "unlearning", unlearning_defaults(ctx.config.quick))
+    lm = load_cached(ctx, ctx.model)
+    sets, split = forget_sets(ctx, ctx.config.n_forget_subjects, opts["n_retain"])
+    background = [(it.prompt, it.answer) for it in sets.spare[: opts["n_background"]]]
+    tag = f"{ctx.model.replace(':', '_').replace('/', '_')}__seed{ctx.seed}"
+    result: dict[str, Any] = {"split": split, "subjects": sets.info["forget_subjects"], "n_forget": len(sets.forget),
+                              "n_retain": len(sets.retain), "n_utility": len(sets.utility), "plots": {}}
+    settings = ex.MemorySettings(seed=ctx.seed)
+    if opts["trace_coordinate"]:
+        coord = ex.traced_coordinate(lm, sets.forget, seed=ctx.seed, samples=5 if ctx.config.quick else 10)
+        settings = replace(settings, layer=coord["layer"], site=coord["site"], coordinate_source="trace")
+        result["traced_coordinate"] = {k: coord[k] for k in ("layer", "site", "step", "effect")}
+    settings = settings.resolved(lm)
+    steps = max(1, math.ceil(opts["epochs"] * len(sets.forget) / opts["batch_size"]))
+    if opts["max_steps"] is not None:
+        steps = min(steps, int(opts["max_steps"]))
+    train = TrainConfig(steps=steps, lr=opts["lr"], batch_size=opts["batch_size"], seed=ctx.seed)
+    result["memory_settings"] = asdict(settings)
+    result["train_config"] = asdict(train)
+
+    base = evaluate_unlearning(lm, sets)
+    result["base"] = {k: v for k, v in _unlearn_numbers(base).items() if k in UNLEARN_LEVELS}
+    rows: dict[str, dict[str, Any]] = {}
+    result["methods"] = {}
+    for method in opts["methods"]:
+        ctx.log(f"unlearning · {ctx.model} · {method}")
+        start = time.perf_counter()
+        rows[method] = ex.run_method(lm, method, sets, base, memory=settings, train=train, background=background)
+        result["methods"][method] = {**_unlearn_numbers(rows[method]), "fit_time_s": rows[method].get("fit_time_s"),
+                                     "wall_time_s": time.perf_counter() - start}
+
+    sweep_rows = []
+    if opts["alphas"]:
+        sweep_rows = ex.alpha_sweep(lm, sets, base, [float(a) for a in opts["alphas"]], memory=settings,
+                                    background=background)
+        result["alpha_sweep"] = [{"alpha": r["alpha"], **_unlearn_numbers(r)} for r in sweep_rows]
+    frontier = sweep_rows or ([{**rows["memory"], "knob": "alpha", "value": settings.alpha}] if "memory" in rows else [])
+    if frontier or rows:
+        ex.plot_pareto(frontier, base, ctx.out_dir / f"{tag}_pareto.png",
+                       others=[r for m, r in rows.items() if m != "memory"])
+        result["plots"]["pareto"] = f"{tag}_pareto.png"
+
+    n_seq = min(int(opts["sequential"]), len(sets.forget))
+    if n_seq >= 1:
+        seq = ex.sequential(lm, sets, n_seq, memory=settings, background=background, eval_every=int(opts["eval_every"]))
+        ex.plot_sequential(seq, ctx.out_dir / f"{tag}_sequential.png")
+        result["plots"]["sequential"] = f"{tag}_sequential.png"
+        keys = ("n_inserted", "forget_lp_inserted", "forget_lp_inserted_base", "forget_lp_drop_inserted",
+                "d_forget_lp_not_inserted", "retain_lp", "d_retain_lp", "d_utility_lp")
+        result["sequential"] = ex.finite_or_none({
+            "n_facts": seq["n_facts"], "eval_every": seq["eval_every"],
+            "curve": [{k: c.get(k) for k in keys} for c in seq["curve"]],
+            "incremental_vs_scratch_max_abs": seq["incremental_vs_scratch_max_abs"],
+        })
+
+    if int(opts["ablation_draws"]) > 0:
+        abl = ex.random_coordinate_ablation(lm, sets, base, int(opts["ablation_draws"]), memory=settings,
+                                            background=background, seed=ctx.seed)
+        result["ablation"] = [{**r["coordinate"], **_unlearn_numbers(r)} for r in abl]
+    return result
+
+
+# ----------------------------------------------------------------------------- 5. a real pretrained model
+REAL_RUNS = (("rome", "single"), ("memit", "batch"))
+REAL_METRICS = ("ES", "PS", "NS", "GenEM")
+
+
+def real_model_defaults(quick: bool) -> dict[str, Any]:
+    """Knobs of the real-model stage.  ``hparams``: per-method editor overrides, e.g. ``{"memit": {...}}``."""
+    return {"known_only": True, "n_neighbours": 8, "trace_samples": 5 if quick else 10, "hparams": {}}
+
+
+def trace_peaks(avg: dict[str, Any]) -> dict[str, Any]:
+    """Peak (layer, token category, effect) of each site's averaged trace, plus the MLP's at the last subject token."""
+    from dlmedit.trace.results import CATEGORIES
+
+    out: dict[str, Any] = {"peak": {site: {"layer": p.get("layer"), "category": p.get("category"),
+                                           "effect": _finite(p.get("effect"))}
+                                    for site, p in (avg.get("peak") or {}).items()}}
+    mlp = avg.get("effect", {}).get("mlp_out")
+    if mlp is not None:
+        row = np.asarray(mlp, dtype=float)[CATEGORIES.index("last subject token")]
+        if np.isfinite(row).any():
+            layer = int(np.nanargmax(row))
+            out["mlp_last_subject"] = {"layer": layer, "effect": float(row[layer])}
+    return out
+
+
+@stage("real_model")
+def real_model_stage(ctx: StageContext) -> dict[str, Any]:
+    """Known capital facts of a real model: where they live (trace) and whether ROME / MEMIT rewrite them."""
+    from dlmedit.data import capitals
+    from dlmedit.trace import TraceConfig, average_traces, trace_facts
+    from dlmedit.trace.plots import plot_average
+
+    opts = stage_options(ctx, "real_model", real_model_defaults(ctx.config.quick))
+    hparams = opts["hparams"] or {}
+    unknown = sorted(set(hparams) - {m for m, _ in REAL_RUNS})
+    if unknown:
+        raise ValueError(f"real_model hparams name unknown method(s) {unknown}; use {[m for m, _ in REAL_RUNS]}")
+    lm = load_cached(ctx, ctx.model)
+    records = capitals.capital_records(capitals.capital_pairs(seed=ctx.seed), ctx.config.n_real_facts, seed=ctx.seed,
+                                       known_by=lm if opts["known_only"] else None, n_neighbours=opts["n_neighbours"])
+    tag = f"{ctx.model.replace(':', '_').replace('/', '_')}__seed{ctx.seed}"
+    result: dict[str, Any] = {
+        "n_facts": len(records), "known_only": bool(opts["known_only"]),
+        "facts": [[r.request.subject, r.request.target_true, r.request.target_new] for r in records],
+    }
+    facts = [(r.request.prompt, r.request.subject, r.request.target_true) for r in records]
+    traces, failures = trace_facts(lm, facts, TraceConfig(seed=ctx.seed, samples=int(opts["trace_samples"])))
+    correct = [t for t in traces if t.correct]
+    avg = average_traces(correct or traces)
+    result["trace"] = {"n_facts": len(traces), "n_correct": len(correct), "n_failed": len(failures),
+                       **trace_peaks(avg)}
+    if avg.get("peak"):
+        plot_average(avg, ctx.out_dir / f"{tag}_average.png", title=f"{ctx.model}: capitals, mean indirect effect")
+        result["trace"]["plot"] = f"{tag}_average.png"
+    dataset = f"countryinfo:capitals(seed={ctx.seed},n={len(records)},known_only={bool(opts['known_only'])})"
+    result["runs"] = {}
+    for method, protocol in REAL_RUNS:
+        ctx.log(f"real_model · {ctx.model} · {method} ({protocol})")
+        means = evaluate_method(ctx, lm, records, method, protocol, f"{method}_{protocol}", dataset=dataset,
+                                **(hparams.get(method) or {}))
+        run = {m: (means.get(m) or {}).get("all") for m in REAL_METRICS}
+        run["pre"] = {m: (means["pre"].get(m) or {}).get("all") for m in REAL_METRICS}
+        run["seconds_per_edit"] = _finite((means.get("timing") or {}).get("seconds_per_edit"))
+        result["runs"][f"{method}/{protocol}"] = run
+    return result

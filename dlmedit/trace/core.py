@@ -53,10 +53,13 @@ __all__ = ["PlanResult", "StepTrace", "TraceConfig", "TraceFailure", "TraceStats
 
 @dataclass(frozen=True)
 class TraceConfig:
-    """Settings of a trace; defaults follow ROME (10 samples, noise 3×std, window 10)."""
+    """Settings of a trace; defaults follow ROME (10 samples, noise 3×std, window 10 of 48 layers).
+
+    ``window`` None = :func:`~dlmedit.trace.plan.default_window` (a fifth of the depth).
+    """
 
     sites: tuple[str, ...] = TRACE_SITES
-    window: int = 10
+    window: int | None = None
     samples: int = 10
     noise: float = 3.0
     noise_std: float | None = None

@@ -66,6 +66,18 @@ def normalise_sites(sites: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def default_window(n_layers: int) -> int:
+    """ROME's window scaled to depth: 10 of GPT-2 XL's 48 layers ≈ a fifth of the stack (≥ 1).
+
+    Why not a fixed 10: on a 6-layer twin a 10-layer window restores the whole stack
+    for every cell, so the MLP/attention rows come out flat and say nothing about where
+    the effect sits; SmolLM2 (30 layers) gets 6, GPT-2 XL keeps ROME's 10.
+    """
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be positive, got {n_layers}")
+    return max(1, round(n_layers * 10 / 48))
+
+
 def window_layers(layer: int, window: int, n_layers: int) -> range:
     """Layers restored together for a window centred on ``layer``: [l − w//2, l + ⌈w/2⌉) clipped, as ROME."""
     if window < 1:
@@ -158,7 +170,7 @@ def build_plan(
     target: str,
     *,
     sites: Sequence[str] = TRACE_SITES,
-    window: int = 10,
+    window: int | None = None,
     samples: int = 10,
     noise_std: float | None = None,
     noise: float = 3.0,
@@ -193,6 +205,9 @@ def build_plan(
             "subject (the relation, e.g. '{subject} was born in') whose states can carry the restored information"
         )
 
+    window = default_window(lm.n_layers) if window is None else int(window)
+    if window < 1:
+        raise ValueError(f"window must be at least 1 layer, got {window}")
     paradigm = lm.paradigm
     final = paradigm.final_state(prompt_ids, target_ids)
     trajectory: list[TargetState] = []

@@ -39,7 +39,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -255,40 +255,8 @@ class _BatchPlan:
 
 
 # ---------------------------------------------------------------------------
-# Recall by real generation (monitoring; the library sampler lives in dlmedit.paradigm)
+# Recall by real generation (through the library's paradigm sampler)
 # ---------------------------------------------------------------------------
-
-@torch.no_grad()
-def _generate_arm(model, prompts: torch.Tensor, window: int) -> torch.Tensor:
-    x = prompts
-    for _ in range(window):
-        nxt = model(input_ids=x).logits[:, -1].argmax(-1, keepdim=True)
-        x = torch.cat([x, nxt], 1)
-    return x[:, prompts.shape[1] :]
-
-
-@torch.no_grad()
-def _generate_mdm(model, prompts: torch.Tensor, window: int, mask_id: int, shift: int) -> torch.Tensor:
-    """Low-confidence remasking, one token per step, window initially all masks."""
-    B, P = prompts.shape
-    x = torch.cat([prompts, torch.full((B, window), mask_id, dtype=torch.long)], 1)
-    for _ in range(window):
-        logits = model(input_ids=x).logits.float()
-        if shift:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
-        probs = logits.softmax(-1)
-        conf, pred = probs.max(-1)
-        is_mask = x == mask_id
-        conf = conf.masked_fill(~is_mask, -1.0)
-        pos = conf.argmax(1)
-        rows = torch.arange(B)
-        x[rows, pos] = pred[rows, pos]
-    return x[:, P:]
-
-
-def _cut_at_eos(ids: list[int], eos: int) -> list[int]:
-    return ids[: ids.index(eos)] if eos in ids else ids
-
 
 @torch.no_grad()
 def recall(
@@ -304,30 +272,46 @@ def recall(
     """Exact-match recall by generation over ``items`` = (prompt, target, group).
 
     ARM: greedy decoding.  MDM: the window filled with masks, one token committed
-    per step at the most confident masked position.  The answer is the text up
-    to the first EOS; it matches when its tokens equal those of ``" " + target``.
-    Returns overall accuracy, accuracy per group and per target-length bucket.
+    per step at the most confident masked position (LLaDA's low-confidence
+    remasking, one block).  Both run through the paradigm's ``generate`` — the
+    sampler every other part of dlmedit measures with — so a number logged during
+    training means the same as one measured later on the shipped checkpoint.  The
+    answer is the generated tokens up to the first EOS; it matches when they equal
+    those of ``" " + target``.  Returns overall accuracy, accuracy per group and
+    per target-length bucket.
     """
-    model.eval()
-    enc = []
-    for prompt, target, group in items:
-        p = [tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]
-        t = tok(" " + target, add_special_tokens=False)["input_ids"]
-        enc.append((p, t, group))
+    from dlmedit.models.loading import wrap_model
+
+    if paradigm not in ("arm", "mdm"):
+        raise ValueError(f"recall paradigm must be arm or mdm, got {paradigm!r}")
+    lm = wrap_model(model, tok, paradigm, mask_token_id=tok.mask_token_id,
+                    logit_shift=logit_shift if paradigm == "mdm" else 0, answer_window=window, prepend_bos=True)
+    return recall_lm(lm, items, window=window, batch_size=batch_size)
+
+
+def recall_lm(lm: Any, items: list[tuple[str, str, str]], *, window: int, batch_size: int = 256) -> dict:
+    """:func:`recall` for a loaded :class:`~dlmedit.models.language_model.LanguageModel`.
+
+    Also returns ``counts`` ({group/bucket, group/all, all: [hits, n]}) so tables can
+    show how many items each rate rests on.  ``dlmedit world recall`` calls this.
+    """
+    if lm.paradigm.name == "arm":
+        options: dict = {"temperature": 0.0, "stop_at_eos": True}
+    else:
+        options = {"steps": window, "block_length": window, "remasking": "low_confidence", "temperature": 0.0}
+    tok = lm.tokenizer
+    enc = [(lm.encode_prompt(prompt), tok(" " + target, add_special_tokens=False)["input_ids"], group)
+           for prompt, target, group in items]
     by_len: dict[int, list[int]] = defaultdict(list)
     for i, (p, _, _) in enumerate(enc):
-        by_len[len(p)].append(i)  # equal-length prompts batch without padding
+        by_len[len(p)].append(i)  # equal-length prompts batch without padding: no row depends on its neighbours
     hits = [False] * len(enc)
     for idxs in by_len.values():
         for s in range(0, len(idxs), batch_size):
             chunk = idxs[s : s + batch_size]
-            prompts = torch.tensor([enc[i][0] for i in chunk])
-            if paradigm == "arm":
-                out = _generate_arm(model, prompts, window)
-            else:
-                out = _generate_mdm(model, prompts, window, tok.mask_token_id, logit_shift)
-            for i, row in zip(chunk, out.tolist(), strict=True):
-                hits[i] = _cut_at_eos(row, tok.eos_token_id) == enc[i][1]
+            out = lm.generate([items[i][0] for i in chunk], window, **options)
+            for i, ids in zip(chunk, out.token_ids, strict=True):
+                hits[i] = ids == enc[i][1]
     res: dict = {"n": len(enc), "acc": sum(hits) / max(1, len(hits)), "by_group": {}, "by_bucket": {}}
     groups: dict[str, list[bool]] = defaultdict(list)
     buckets: dict[str, list[bool]] = defaultdict(list)
@@ -336,6 +320,10 @@ def recall(
         buckets[f"{g}/{length_bucket(len(t))}"].append(h)
     res["by_group"] = {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items())}
     res["by_bucket"] = {k: round(sum(v) / len(v), 4) for k, v in sorted(buckets.items())}
+    counts = {k: [sum(v), len(v)] for k, v in sorted(buckets.items())}
+    counts.update({f"{k}/all": [sum(v), len(v)] for k, v in sorted(groups.items())})
+    counts["all"] = [sum(hits), len(hits)]
+    res["counts"] = counts
     return res
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "scaling",
     "sequential",
     "sweep",
+    "time_insertion",
     "traced_coordinate",
 ]
 
@@ -314,6 +315,36 @@ def sequential(
     }
 
 
+def time_insertion(store: ResidualMemory, facts: Sequence[MemoryFact]) -> dict[str, float]:
+    """Insert ``facts`` into an empty ``store`` and time each step, batched and one at a time.
+
+    Why one function: the scaling experiment and ``bench/memory.py`` must time the same
+    steps the same way, or their per-fact costs are not comparable.  Returns
+    ``targets_s`` (keys+deltas: batched forwards and one backward), ``solve_s`` (one
+    batched ridge update into ``store``), ``peak_rss_mb`` over those two steps,
+    ``incremental_s`` (the same facts inserted one Woodbury update at a time into a
+    separate ridge, from the precomputed keys) and ``incremental_vs_batch_max_abs``
+    (how far the two solutions are apart: round-off only).
+    """
+    if not facts:
+        raise ValueError("time_insertion needs at least one fact")
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        targets = store.compute_targets(facts)
+        t1 = time.perf_counter()
+        store.insert_targets(targets)
+        t2 = time.perf_counter()
+    incremental = IncrementalRidge(store.width, store.width, store.lam)
+    t3 = time.perf_counter()
+    for i in range(len(facts)):
+        incremental.insert(targets.keys[i : i + 1], targets.deltas[i : i + 1])
+    t4 = time.perf_counter()
+    return {
+        "targets_s": t1 - t0, "solve_s": t2 - t1, "incremental_s": t4 - t3, "peak_rss_mb": mem.peak_mb,
+        "incremental_vs_batch_max_abs": float((incremental.W - store.W).abs().max()),
+    }
+
+
 def scaling(
     lm: LanguageModel,
     sets: EvalSets,
@@ -346,28 +377,19 @@ def scaling(
         sub = EvalSets(scored, sets.retain, [], sets.info)
         before = evaluate_unlearning(lm, sub, **kwargs)
         store = new_memory(lm, settings, stats)
-        with PeakMemory() as mem:
-            t0 = time.perf_counter()
-            targets = store.compute_targets(memory_facts(items))
-            t1 = time.perf_counter()
-            store.insert_targets(targets)
-            t2 = time.perf_counter()
-        incremental = IncrementalRidge(store.width, store.width, store.lam)
-        t3 = time.perf_counter()
-        for i in range(n):
-            incremental.insert(targets.keys[i : i + 1], targets.deltas[i : i + 1])
-        t4 = time.perf_counter()
+        timing = time_insertion(store, memory_facts(items))
         with store.attached():
             after = evaluate_unlearning(lm, sub, **kwargs)
+        fit_s = timing["targets_s"] + timing["solve_s"]
         rows.append({
-            "n_facts": n, "n_scored": len(scored), "targets_s": t1 - t0, "solve_s": t2 - t1,
-            "incremental_s": t4 - t3, "fit_time_s": t2 - t0, "per_fact_fit_s": (t2 - t0) / n,
-            "per_fact_incremental_s": (t4 - t3) / n, "peak_rss_mb": mem.peak_mb,
+            "n_facts": n, "n_scored": len(scored), "targets_s": timing["targets_s"], "solve_s": timing["solve_s"],
+            "incremental_s": timing["incremental_s"], "fit_time_s": fit_s, "per_fact_fit_s": fit_s / n,
+            "per_fact_incremental_s": timing["incremental_s"] / n, "peak_rss_mb": timing["peak_rss_mb"],
             "forget_lp_before": before["forget_lp"], "forget_lp": after["forget_lp"],
             "forget_lp_drop": before["forget_lp"] - after["forget_lp"],
             "retain_lp_before": before["retain_lp"], "retain_lp": after["retain_lp"],
             "d_retain_lp": after["retain_lp"] - before["retain_lp"],
-            "incremental_vs_batch_max_abs": float((incremental.W - store.W).abs().max()),
+            "incremental_vs_batch_max_abs": timing["incremental_vs_batch_max_abs"],
         })
         if progress:
             progress("count", 1)
@@ -450,6 +472,14 @@ def _plt():
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` and free it (figures left open accumulate over a sweep)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_pareto(rows: Sequence[dict[str, Any]], base: dict[str, Any], path: str | Path,
                 others: Sequence[dict[str, Any]] = ()) -> Path:
     """ForgetLP drop against RetainLP change for each swept value (and any other method rows given)."""
@@ -473,10 +503,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], base: dict[str, Any], path: str 
     ax.set_title(f"forget vs retain (base ForgetLP {base['forget_lp']:.2f}, RetainLP {base['retain_lp']:.2f})",
                  fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_sequential(result: dict[str, Any], path: str | Path) -> Path:
@@ -491,10 +518,7 @@ def plot_sequential(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_xlabel("facts inserted (one Woodbury update each)")
     ax.set_ylabel("mean log-prob per answer (nats)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_scaling(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
@@ -513,10 +537,7 @@ def plot_scaling(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     b.set_xlabel("facts")
     b.set_ylabel("nats / answer")
     b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def finite_or_none(value: Any) -> Any:
