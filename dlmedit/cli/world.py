@@ -12,7 +12,7 @@ from rich.table import Table
 from dlmedit.cli.app import app, echo_json, friendly_errors, seed_everything
 
 #: step counts of the shipped twins' recipes (see README)
-DEFAULT_STEPS = {"arm": 1200, "mdm": 3500, "dream": 600}
+DEFAULT_STEPS = {"arm": 1200, "mdm": 9300, "dream": 1000}  # the shipped runs (see dlmedit/builtin/README.md)
 
 world_app = typer.Typer(help="The built-in world of fictitious facts and the twin models trained on it.",
                         no_args_is_help=True)
@@ -42,9 +42,21 @@ def train_command(
     save_every: int = typer.Option(250),
     eval_every: int = typer.Option(500),
     threads: int = typer.Option(2),
+    recipe: str = typer.Option("{}", help='JSON overrides of TwinRecipe fields, e.g. \'{"lr": 0.0015}\''),
 ) -> None:
     """Train (or resume) a twin; re-running the same command continues from its last checkpoint."""
-    from dlmedit.train.twins import train_twin
+    import json
+    from dataclasses import fields
+
+    from dlmedit.train.twins import TwinRecipe, train_twin
+
+    try:
+        overrides = json.loads(recipe)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"--recipe is not valid JSON: {exc}") from None
+    known = {f.name for f in fields(TwinRecipe)}
+    if not isinstance(overrides, dict) or set(overrides) - known:
+        raise typer.BadParameter(f"--recipe must be a JSON object with TwinRecipe fields ({', '.join(sorted(known))})")
 
     if paradigm not in ("arm", "mdm", "dream"):
         raise typer.BadParameter("paradigm must be arm, mdm or dream")
@@ -52,7 +64,7 @@ def train_command(
     start = time.perf_counter()
     path = train_twin(paradigm, out, steps=steps or DEFAULT_STEPS[paradigm], seed=seed, init_from=init_from,
                       exclude_forget=exclude_forget or False, save_every=save_every, eval_every=eval_every,
-                      n_threads=threads, progress=True)
+                      n_threads=threads, progress=True, recipe=TwinRecipe(**overrides))
     typer.echo(f"{path} ({time.perf_counter() - start:.0f} s this run)")
 
 

@@ -71,10 +71,10 @@ PARADIGM_FIELDS = ("dlmedit_paradigm", "mask_token_id", "logit_shift", "is_causa
 class TwinRecipe:
     """Hyper-parameters of one twin run (stored in the checkpoint's state.json)."""
 
-    hidden_size: int = 256
+    hidden_size: int = 192
     num_layers: int = 6
-    num_heads: int = 4
-    intermediate_size: int = 1024
+    num_heads: int = 3
+    intermediate_size: int = 512
     vocab_size: int = 1536
     batch_size: int = 64
     lr: float = 2e-3
