@@ -111,7 +111,7 @@ def trace_stage(ctx: StageContext) -> dict[str, Any]:
     correct = [t for t in traces if t.correct]
     avg = average_traces(correct or traces)
     tag = f"{ctx.model.replace(':', '_')}__seed{ctx.seed}"
-    plot_average(avg, ctx.out_dir / f"{tag}_average.png", title=f"{ctx.model}: mean indirect effect")
+    plot_average(avg, ctx.out_dir / f"{tag}_average.png", title=f"{ctx.model}:")
     result: dict[str, Any] = {
         "n_facts": len(traces), "n_correct": len(correct), "n_failed": len(failures),
         "clean": avg.get("clean"), "corrupted": avg.get("corrupted"), "peak": avg.get("peak"),
@@ -422,7 +422,7 @@ def real_model_stage(ctx: StageContext) -> dict[str, Any]:
     result["trace"] = {"n_facts": len(traces), "n_correct": len(correct), "n_failed": len(failures),
                        **trace_peaks(avg)}
     if avg.get("peak"):
-        plot_average(avg, ctx.out_dir / f"{tag}_average.png", title=f"{ctx.model}: capitals, mean indirect effect")
+        plot_average(avg, ctx.out_dir / f"{tag}_average.png", title=f"{ctx.model}: capitals,")
         result["trace"]["plot"] = f"{tag}_average.png"
     dataset = f"countryinfo:capitals(seed={ctx.seed},n={len(records)},known_only={bool(opts['known_only'])})"
     result["runs"] = {}

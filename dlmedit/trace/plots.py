@@ -38,8 +38,10 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _xlabel(site: str, window: int) -> str:
-    return "restored layer" if site == "resid" else f"centre of {window} restored layers"
+def _xlabel(site: str, window: int | None) -> str:
+    if site == "resid":
+        return "restored layer"
+    return f"centre of {window} restored layers" if window else "centre of the restored window"
 
 
 def _layer_ticks(ax: Any, n_layers: int) -> None:
@@ -90,7 +92,7 @@ def plot_average(avg: dict[str, Any], path: str | Path, title: str = "") -> Path
         ax.set_yticklabels([f"{c} ({n})" for c, n in zip(CATEGORIES, counts, strict=True)] if i == 0
                            else [""] * len(CATEGORIES), fontsize=7)
         _layer_ticks(ax, data.shape[1])
-        ax.set_xlabel(_xlabel(site, avg.get("window", 10)), fontsize=8)
+        ax.set_xlabel(_xlabel(site, avg.get("window")), fontsize=8)
         ax.set_title(f"mean effect of restoring {TITLES.get(site, site)}", fontsize=8)
         cb = fig.colorbar(im, ax=ax, fraction=0.05)
         cb.ax.tick_params(labelsize=7)

@@ -248,6 +248,8 @@ def average_traces(traces: Sequence[FactTrace]) -> dict[str, Any]:
         "axes": {"effect": ["category", "layer"], "category": list(CATEGORIES)},
         "effect": {}, "counts": {}, "peak": {},
     }
+    windows = {t.window for t in traces}
+    out["window"] = windows.pop() if len(windows) == 1 else None  # plots label the MLP/attn axis with it
     per = [t.category_effects() for t in traces]
     for site in sites:
         mean, counts = _nanmean(np.stack([p[site] for p in per]))
