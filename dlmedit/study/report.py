@@ -197,18 +197,23 @@ def summarize_real_model(cells: list[dict[str, Any]]) -> dict[str, Any]:
             "known_only": all(c.get("known_only") for c in cells), "trace": trace, "runs": runs}
 
 
+def _num(x: float) -> str:
+    """A layer/step mean over seeds: an integer when the seeds agree, else one decimal."""
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
+
+
 def statements(summary: dict[str, Any]) -> list[str]:
     """Sentences generated from the numbers."""
     out: list[str] = []
     for model, entry in summary["trace"].items():
         mlp = entry.get("mlp_out")
         if mlp and mlp["peak_layer"]["mean"] is not None:
-            out.append(f"{model}: the MLP indirect effect peaks at layer {mlp['peak_layer']['mean']:.1f} "
+            out.append(f"{model}: the MLP indirect effect peaks at layer {_num(mlp['peak_layer']['mean'])} "
                        f"({mlp['peak_category']}), effect {fmt(mlp['peak_effect'])}.")
         if entry.get("temporal"):
             t = entry["temporal"]
-            out.append(f"{model}: the temporal indirect effect peaks at layer {t['layer']['mean']:.1f}, "
-                       f"denoising step {t['step']['mean']:.1f} ({t['site']}).")
+            out.append(f"{model}: the temporal indirect effect peaks at layer {_num(t['layer']['mean'])}, "
+                       f"denoising step {_num(t['step']['mean'])} ({t['site']}).")
     for model, runs in summary["edits"].items():
         rome = runs.get("rome/final", {}).get("GenEM", {})
         one, multi = rome.get("1", {}).get("mean"), rome.get("4+", {}).get("mean")

@@ -126,9 +126,15 @@ def plot_temporal(trace: FactTrace, path: str | Path, category: str = "last subj
     return _temporal_panels(grids, path, f"{trace.prompt!r} → {trace.target!r}: restoring at {category}", labels)
 
 
-def plot_temporal_average(avg_temporal: dict[str, Any], path: str | Path, category: str = "last subject token",
+def plot_temporal_average(avg_temporal: dict[str, Any], path: str | Path, category: str | None = None,
                           title: str = "") -> Path:
-    """Step × layer mean TIE over facts (output of `average_temporal`) at ``category``."""
+    """Step × layer mean TIE over facts (output of `average_temporal`) at ``category``.
+
+    ``category`` None = the token category of the temporal peak (where the effect is), falling
+    back to the last subject token (ROME's locus) when no peak was found.
+    """
+    if category is None:
+        category = (avg_temporal.get("peak") or {}).get("category") or "last subject token"
     c = CATEGORIES.index(category)
     grids = {site: np.asarray(v, dtype=float)[:, c, :] for site, v in avg_temporal["effect"].items()}
     labels = [f"step {k} (n={n})" for k, n in enumerate(avg_temporal["facts_per_step"])]
