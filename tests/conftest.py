@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(2)
 
-from tiny_models import FAMILIES, write_checkpoint  # noqa: E402
+from tiny_models import FAMILIES, WORDS, write_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +41,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture()
+def fast(tmp_path, monkeypatch):
+    """Edit hyper-parameters that keep every method to a fraction of a second on a tiny model.
+
+    Statistics come from a 120-line random corpus of the tiny vocabulary in a per-test
+    cache, so no test reads or writes the user's cache.
+    """
+    import random
+
+    monkeypatch.setenv("DLMEDIT_CACHE", str(tmp_path / "cache"))
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(14)) for _ in range(120)), encoding="utf-8")
+    return {"stats_corpus": str(corpus), "stats_tokens": 1200, "stats_max_length": 16, "context_n": 2,
+            "context_length": 3, "v_steps": 4}

@@ -27,15 +27,6 @@ REQS = [
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture()
-def fast(tmp_path, monkeypatch):
-    """Hyper-parameters that keep every method to a fraction of a second on a tiny model."""
-    monkeypatch.setenv("DLMEDIT_CACHE", str(tmp_path / "cache"))
-    rng = random.Random(0)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(14)) for _ in range(120)), encoding="utf-8")
-    return {"stats_corpus": str(corpus), "stats_tokens": 1200, "stats_max_length": 16, "context_n": 2,
-            "context_length": 3, "v_steps": 4}
 
 
 def _state(model) -> dict[str, torch.Tensor]:

@@ -6,20 +6,13 @@ import json
 import random
 
 import pytest
-import torch
 from tiny_models import WORDS
 
 from dlmedit.study import stages  # noqa: F401  (registers the stages)
 from dlmedit.study.report import build_summary, save_summary, statements, versions, write_report
 from dlmedit.study.runner import StudyConfig, run_study
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _method(drop: float, d_retain: float, wall: float) -> dict:

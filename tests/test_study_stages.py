@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
-import torch
-from tiny_models import WORDS
 
 from dlmedit.data import capitals
 from dlmedit.study import stages
@@ -18,12 +15,7 @@ TINY_UNLEARN = {"n_retain": 4, "n_background": 20, "max_steps": 1, "alphas": [0.
                 "eval_every": 1, "ablation_draws": 1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ctx(tmp_path, lm, name: str, seed: int = 0, **config) -> StageContext:
@@ -92,14 +84,8 @@ VOCAB_PAIRS = [("france", "paris"), ("north", "london"), ("south", "rome"), ("ea
 
 
 @pytest.fixture()
-def fast_edits(tmp_path, monkeypatch):
-    monkeypatch.setenv("DLMEDIT_CACHE", str(tmp_path / "cache"))
-    rng = random.Random(0)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(14)) for _ in range(120)), encoding="utf-8")
-    common = {"stats_corpus": str(corpus), "stats_tokens": 1200, "stats_max_length": 16, "context_n": 2,
-              "context_length": 3, "v_steps": 4}
-    return {"rome": {"layers": [1], **common}, "memit": {"layers": [0, 1], **common}}
+def fast_edits(fast):
+    return {"rome": {"layers": [1], **fast}, "memit": {"layers": [0, 1], **fast}}
 
 
 def test_real_model_stage_traces_and_edits_capitals(tiny_models, tmp_path, monkeypatch, fast_edits) -> None:
