@@ -31,6 +31,7 @@ Each run records wall time and peak resident memory (:class:`PeakMemory`).
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
 import os
 import resource
@@ -79,12 +80,25 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _release_free_heap() -> None:
+    """Give freed-but-resident heap pages back to the OS (glibc ``malloc_trim``; no-op elsewhere).
+
+    Without it, memory freed by earlier work stays in the RSS and a new allocation can
+    reuse it without the RSS growing, so a peak measured from the entry RSS reads ~0.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 class PeakMemory:
     """Peak resident memory while the block runs, sampled every ``interval`` seconds.
 
     ``tracemalloc`` does not see torch's allocations and ``ru_maxrss`` is a process-wide
     high-water mark, so a sampler thread reads the RSS instead.  ``peak_mb`` is the
-    highest RSS seen, ``increase_mb`` that minus the RSS at entry.
+    highest RSS seen, ``increase_mb`` that minus the RSS at entry (taken after freed heap
+    pages are returned to the OS, so reused memory is not mistaken for no allocation).
     """
 
     def __init__(self, interval: float = 0.005) -> None:
@@ -99,6 +113,7 @@ class PeakMemory:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> Self:
+        _release_free_heap()
         self.start = self.peak = _rss_bytes()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
