@@ -288,3 +288,31 @@ def test_whitened_keys_are_white_on_the_background(tiny_models) -> None:
     with pytest.raises(ValueError, match="more background positions"):
         site_statistics(lm, 1, "resid", background[:2], kind="whiten")
     assert site_statistics(lm, 1, "resid", background, kind="none") is None
+
+
+def test_gate_writes_only_where_a_stored_key_recurs(tiny_models, tmp_path) -> None:
+    """The key gate keeps the write at positions whose key is (nearly) a stored key and zeroes it elsewhere."""
+    lm = tiny_models["llama"]
+    with pytest.raises(ValueError, match="cosine threshold"):
+        ResidualMemory(lm, gate=1.0)
+    with pytest.raises(ValueError, match="cosine threshold"):
+        ResidualMemory(lm, gate=float("nan"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnknownFactWarning)
+        open_memory = ResidualMemory(lm, layer=1, lam=0.5)  # no key statistics: the key is h itself
+        open_memory.insert(FACTS)
+        gated = ResidualMemory(lm, layer=1, lam=0.5, gate=0.99)
+        gated.insert(FACTS)
+    K, _ = gated.keys_and_deltas()
+    g = torch.Generator().manual_seed(0)
+    other = torch.randn(5, K.shape[1], generator=g)
+    h = torch.cat([K.float(), other]).unsqueeze(0)  # [1, 4 stored keys + 5 random positions, d]
+    ungated, out = open_memory.read(h), gated.read(h)
+    assert gated.gate_mask(h)[0].tolist() == [True] * 4 + [False] * 5
+    torch.testing.assert_close(out[0, :4], ungated[0, :4])
+    assert torch.count_nonzero(out[0, 4:]) == 0 and torch.count_nonzero(ungated[0, 4:]) > 0
+    gated.gate = None  # the knob can change while attached; None restores the ungated write
+    torch.testing.assert_close(gated.read(h), ungated)
+    gated.gate = 0.99
+    gated.save(tmp_path / "mem")
+    assert ResidualMemory.load(tmp_path / "mem", lm).gate == 0.99

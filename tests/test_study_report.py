@@ -136,7 +136,7 @@ def test_study_runs_unlearning_and_real_model_end_to_end(tiny_checkpoints, tmp_p
     collected = run_study(config, out, log=lambda _m: None)
     summary = build_summary(collected, config.__dict__)
     save_summary(out, summary)
-    assert set(summary["unlearning"][model]["methods"]) == {"memory", "ga"}
+    assert set(summary["unlearning"][model]["methods"]) == {"memory", "ga", "memory gate 0.85"}
     assert summary["real_model"][model]["runs"]["rome/single"]["ES"]["n"] == 1
     again = build_summary(run_study(config, out, log=lambda _m: None), config.__dict__)  # resumed from the cells
     assert again == summary

@@ -41,7 +41,7 @@ def test_unlearning_stage_reports_every_method(tiny_models, tmp_path, family) ->
     assert lm.fingerprint() == fingerprint
     assert out["split"] == "forget01" and len(out["subjects"]) == 1 and out["n_forget"] == 5
     assert out["n_retain"] == 4 and out["train_config"]["steps"] == 1
-    assert list(out["methods"]) == list(METHODS)
+    assert list(out["methods"]) == [*METHODS, "memory gate 0.85"]
     base = out["base"]["forget_lp"]
     for method, row in out["methods"].items():
         for key in ("forget_lp_drop", "d_retain_lp", "d_utility_lp", "d_model_utility", "wall_time_s", "fit_time_s"):

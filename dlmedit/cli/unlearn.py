@@ -45,13 +45,15 @@ def _parse_floats(text: str, what: str) -> list[float]:
 def _parse_sweep(text: str) -> tuple[str, list[float]]:
     name, sep, values = text.partition("=")
     name = name.strip()
-    if not sep or name not in ("alpha", "lambda", "q"):
-        raise typer.BadParameter(f"--sweep takes alpha=V1,V2,…, lambda=… or q=… (got {text!r})")
+    if not sep or name not in ("alpha", "lambda", "q", "gate"):
+        raise typer.BadParameter(f"--sweep takes alpha=V1,V2,…, lambda=…, q=… or gate=… (got {text!r})")
     numbers = _parse_floats(values, "--sweep")
     if name == "alpha" and any(a <= 0 for a in numbers):
         raise typer.BadParameter("every α in --sweep must be > 0")
     if name == "lambda" and any(a < 0 for a in numbers):
         raise typer.BadParameter("every λ in --sweep must be ≥ 0")
+    if name == "gate" and any(not -1 < a < 1 for a in numbers):
+        raise typer.BadParameter("every gate in --sweep must be a cosine threshold in (-1, 1)")
     if name == "q" and any(a < 1 or a != int(a) for a in numbers):
         raise typer.BadParameter("every q in --sweep must be an integer ≥ 1")
     return name, numbers
@@ -102,6 +104,8 @@ def unlearn_command(
     alpha: float = typer.Option(1.0, help="memory / steering write strength α > 0"),
     lam: float = typer.Option(1.0, "--lambda", help="memory ridge λ ≥ 0"),
     q: int = typer.Option(None, help="memory: coordinates kept per position (default: all)"),
+    gate: float = typer.Option(None, help="memory: write only where the key's cosine to a stored key ≥ GATE "
+                                          "(default: no gate, write everywhere)"),
     layer: int = typer.Option(None, help="memory / steering / RMU layer (default: --trace peak, else n_layers//3)"),
     site: str = typer.Option("resid", help="memory site: resid | mlp_out | attn_out | mlp_key"),
     trace: bool = typer.Option(False, "--trace", help="choose the layer by tracing forget facts (temporal peak)"),
@@ -155,7 +159,7 @@ def unlearn_command(
     sets = EvalSets.from_specs(forget, retain or None, utility or None, n_retain=n_retain, seed=seed,
                                world_seed=world_seed)
     background = [(it.prompt, it.answer) for it in sets.spare[:n_background]]
-    settings = ex.MemorySettings(layer=layer, site=site, alpha=alpha, lam=lam, q=q, key_stats=key_stats,
+    settings = ex.MemorySettings(layer=layer, site=site, alpha=alpha, lam=lam, q=q, gate=gate, key_stats=key_stats,
                                  n_states=n_states, seed=seed,
                                  coordinate_source="given" if layer is not None else "default")
     results: dict[str, Any] = {"model": model, "model_fingerprint": lm.fingerprint(), "paradigm": lm.paradigm.describe(),

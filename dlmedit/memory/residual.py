@@ -92,6 +92,14 @@ def _check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
+def _check_gate(gate: float | None) -> float | None:
+    if gate is None:
+        return None
+    if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not math.isfinite(gate) or not -1 < gate < 1:
+        raise ValueError(f"gate must be a cosine threshold in (-1, 1) or None (no gate), got {gate!r}")
+    return float(gate)
+
+
 @dataclass
 class MemoryEntry:
     """One stored fact: its key and delta at the coordinate, and what the model knew before."""
@@ -149,6 +157,7 @@ class ResidualMemory:
         alpha: float = 1.0,
         lam: float = 1.0,
         q: int | None = None,
+        gate: float | None = None,
         key_stats: KeyStatistics | None = None,
         n_states: int = 8,
         seed: int = 0,
@@ -164,6 +173,7 @@ class ResidualMemory:
         self.width = site_width(lm, site)
         self._alpha = _check_alpha(alpha)
         self._q = check_q(q, self.width)
+        self._gate = _check_gate(gate)
         self.ridge = IncrementalRidge(self.width, self.width, lam)
         if key_stats is not None:
             if key_stats.mean.shape != (self.width,) or (
@@ -177,6 +187,7 @@ class ResidualMemory:
         self.fingerprint = fingerprint or lm.fingerprint()
         self.entries: dict[str, MemoryEntry] = {}
         self._cast: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._gate_cast: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
 
     # -- knobs -------------------------------------------------------------------------
     @property
@@ -194,6 +205,14 @@ class ResidualMemory:
     @q.setter
     def q(self, value: int | None) -> None:
         self._q = check_q(value, self.width)
+
+    @property
+    def gate(self) -> float | None:
+        return self._gate
+
+    @gate.setter
+    def gate(self, value: float | None) -> None:
+        self._gate = _check_gate(value)
 
     @property
     def lam(self) -> float:
@@ -253,6 +272,7 @@ class ResidualMemory:
                 float(targets.logprob[i]), float(targets.key_norms[i]), int(targets.subject_token[i]),
             )
         self._cast.clear()
+        self._gate_cast.clear()
 
     def remove(self, fact_ids: str | MemoryFact | Sequence[str | MemoryFact]) -> None:
         """Remove stored facts (downdate of the map; the others keep their exact contribution)."""
@@ -267,6 +287,7 @@ class ResidualMemory:
         for i in ids:
             del self.entries[i]
         self._cast.clear()
+        self._gate_cast.clear()
 
     def keys_and_deltas(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored keys and deltas, [n, D] each (float64), in insertion order."""
@@ -302,7 +323,38 @@ class ResidualMemory:
         out = h @ Wt
         if bias is not None:
             out = out - bias
-        return self._alpha * sparsify(out, self._q)
+        out = self._alpha * sparsify(out, self._q)
+        if self._gate is not None:
+            out = out * self.gate_mask(h).unsqueeze(-1).to(out.dtype)
+        return out
+
+    def gate_mask(self, h: torch.Tensor) -> torch.Tensor:
+        """Positions whose key is close to a stored key: max cosine(T (h − μ), k_i) ≥ gate.
+
+        Why: the ridge map is linear, so without a gate every position whose key overlaps
+        the span of the stored keys gets a write — with a few dozen facts in a narrow
+        residual stream that is nearly every position, and retained facts are damaged as
+        much as forgotten ones.  The gate writes only where a stored key actually recurs.
+        """
+        Tt, mu, K_hat = self._gate_matrices(h.dtype, h.device)
+        k = h if mu is None else h - mu
+        if Tt is not None:
+            k = k @ Tt
+        sim = torch.nn.functional.normalize(k, dim=-1) @ K_hat.T
+        return sim.max(dim=-1).values >= self._gate
+
+    def _gate_matrices(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        key = (dtype, device)
+        if key not in self._gate_cast:
+            K, _ = self.keys_and_deltas()
+            K_hat = torch.nn.functional.normalize(K.double(), dim=-1)
+            Tt = mu = None
+            if self.key_stats is not None:
+                mu = self.key_stats.mean.to(device=device, dtype=dtype)
+                if self.key_stats.transform is not None:
+                    Tt = self.key_stats.transform.T.contiguous().to(device=device, dtype=dtype)
+            self._gate_cast[key] = (Tt, mu, K_hat.to(device=device, dtype=dtype))
+        return self._gate_cast[key]
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         """The intervention function: ``h + read(h)`` (identity when the memory is empty)."""
@@ -329,6 +381,7 @@ class ResidualMemory:
             "alpha": self._alpha,
             "lambda": self.lam,
             "q": self._q,
+            "gate": self._gate,
             "n_facts": self.n_facts,
             "n_unknown": len(self.unknown_facts),
             "key_stats": None if self.key_stats is None else self.key_stats.describe(),
@@ -337,7 +390,9 @@ class ResidualMemory:
             "delta_method": self.delta_method,
             "known_threshold": self.known_threshold,
             "definition": {
-                "write": "h <- h + alpha * sparsify_q(W T (h - mu)) at every position of every forward",
+                "write": "h <- h + alpha * sparsify_q(W T (h - mu)) at every position of every forward"
+                         + ("" if self._gate is None else
+                            f", only where max_i cos(T (h - mu), k_i) >= {self._gate}"),
                 "key": f"T (h - mu), h = {self.site} activation at layer {self.layer} at the last subject token, "
                        "mean over target states; mu, T = background mean and whitening (identity if absent)",
                 "delta": "-(or +) ||h|| * unit gradient of mean token log p(answer) w.r.t. h (one step)",
@@ -400,7 +455,7 @@ class ResidualMemory:
             raise MemoryFormatError(f"cannot read {tensor_path}: {exc}") from exc
         coord = meta["coordinate"]
         memory = cls(
-            lm, coord["layer"], coord["site"], alpha=meta["alpha"], lam=meta["lambda"], q=meta["q"],
+            lm, coord["layer"], coord["site"], alpha=meta["alpha"], lam=meta["lambda"], q=meta["q"], gate=meta.get("gate"),
             key_stats=_key_stats_from(meta.get("key_stats"), tensors), n_states=meta["n_states"], seed=meta["seed"],
             known_threshold=meta["known_threshold"], delta_method=meta["delta_method"], fingerprint=actual,
         )

@@ -250,6 +250,8 @@ def unlearning_defaults(quick: bool) -> dict[str, Any]:
 
     return {
         "methods": list(METHODS),
+        # memory variants with a key gate (cosine threshold); 0.85 measured selective on both twins
+        "gates": [0.85],
         "n_retain": 20 if quick else 100,
         "n_background": 600,
         "epochs": 5.0,
@@ -337,6 +339,14 @@ def unlearning_stage(ctx: StageContext) -> dict[str, Any]:
         rows[method] = ex.run_method(lm, method, sets, base, memory=settings, train=train, background=background)
         result["methods"][method] = {**_unlearn_numbers(rows[method]), "fit_time_s": rows[method].get("fit_time_s"),
                                      "wall_time_s": time.perf_counter() - start}
+    for gate in opts["gates"]:  # the memory with its key gate: writes only where a stored key recurs
+        name = f"memory gate {float(gate):g}"
+        ctx.log(f"unlearning · {ctx.model} · {name}")
+        start = time.perf_counter()
+        rows[name] = ex.run_method(lm, "memory", sets, base, memory=replace(settings, gate=float(gate)), train=train,
+                                   background=background)
+        result["methods"][name] = {**_unlearn_numbers(rows[name]), "fit_time_s": rows[name].get("fit_time_s"),
+                                   "wall_time_s": time.perf_counter() - start}
 
     sweep_rows = []
     if opts["alphas"]:

@@ -66,6 +66,8 @@ class MemorySettings:
     alpha: float = 1.0
     lam: float = 1.0
     q: int | None = None
+    #: cosine threshold of the memory's key gate (None: write at every position)
+    gate: float | None = None
     key_stats: str = "whiten"
     whiten_eps: float = 1e-2
     n_states: int = 8
@@ -97,7 +99,7 @@ def key_statistics(lm: LanguageModel, settings: MemorySettings, background: Back
 
 def new_memory(lm: LanguageModel, settings: MemorySettings, stats: KeyStatistics | None) -> ResidualMemory:
     s = settings.resolved(lm)
-    return ResidualMemory(lm, s.layer, s.site, alpha=s.alpha, lam=s.lam, q=s.q, key_stats=stats,
+    return ResidualMemory(lm, s.layer, s.site, alpha=s.alpha, lam=s.lam, q=s.q, gate=s.gate, key_stats=stats,
                           n_states=s.n_states, seed=s.seed)
 
 
@@ -183,7 +185,7 @@ def run_method(
     return row
 
 
-SWEEP_KNOBS = ("alpha", "lambda", "q")
+SWEEP_KNOBS = ("alpha", "lambda", "q", "gate")
 
 
 def sweep(
@@ -200,7 +202,7 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """The memory evaluated at each value of one knob, keys and deltas computed once.
 
-    ``alpha`` and ``q`` only change the write (set on the attached memory); ``lambda``
+    ``alpha``, ``q`` and ``gate`` only change the write (set on the attached memory); ``lambda``
     changes the map, so each value re-fits W from the same keys and deltas.
     """
     if knob not in SWEEP_KNOBS:
@@ -215,6 +217,8 @@ def sweep(
             store.alpha = float(value)
         elif knob == "q":
             store.q = int(value)
+        elif knob == "gate":
+            store.gate = float(value)
         else:
             if targets is None:
                 K, D = store.keys_and_deltas()
@@ -225,7 +229,7 @@ def sweep(
         t0 = time.perf_counter()
         with current.attached():
             ev = evaluate_unlearning(lm, sets, **(eval_kwargs or {}))
-        knobs = {"alpha": current.alpha, "lambda": current.lam, "q": current.q}
+        knobs = {"alpha": current.alpha, "lambda": current.lam, "q": current.q, "gate": current.gate}
         rows.append(_row("memory", ev, base, settings={**asdict(settings), **knobs}, knob=knob, value=value,
                          **knobs, **times, eval_time_s=time.perf_counter() - t0))
         if progress:
