@@ -141,6 +141,27 @@ def intervene(adapter: ArchitectureAdapter, interventions: Sequence[Intervention
             handle.remove()
 
 
+class ForwardStopped(Exception):
+    """Raised by :func:`stop_after` to end a forward early; carries the residual stream there."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__("forward stopped early")
+        self.hidden = hidden
+
+
+def stop_after(layer: int) -> Intervention:
+    """An intervention that ends the forward at ``layer``'s output by raising `ForwardStopped`.
+
+    Why: reading a site at layer l needs nothing above it; for an early edit layer this
+    skips most of the model.  List it after every other operation of the same layer.
+    """
+
+    def stop(hidden: torch.Tensor) -> torch.Tensor:
+        raise ForwardStopped(hidden)
+
+    return Intervention(layer, "resid", "fn", fn=stop, name=f"stop.{layer}")
+
+
 def count_hooks(module: nn.Module) -> int:
     """Number of forward (pre-)hooks installed anywhere in ``module`` — tests use it to prove cleanup."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())

@@ -323,3 +323,20 @@ def test_layers_from_causal_tracing(tiny_models, fast):
     layers = delta.extra["layers"]
     assert len(layers) == 2 and layers == sorted(layers) and layers[1] == layers[0] + 1
     assert editor.layers() == layers  # traced once, reused
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prefix_reuse_fits_the_same_values_as_whole_rows(tiny_models, fast, family):
+    """δ fitted with the columns before the subject computed once equals δ fitted on whole rows."""
+    from dlmedit.edit.values import optimise_values
+
+    lm = tiny_models[family]
+    editor = get_editor("rome", lm, layers=[1], **fast)
+    contexts = editor.contexts(REQS[:2])
+    results = {}
+    for reuse in (True, False):
+        settings = editor.value_settings(1, "mlp_out", reuse_prefix=reuse, steps=6, early_stop_nll=0.0)
+        results[reuse] = optimise_values(lm, contexts, [r.subject for r in REQS[:2]], settings)
+    torch.testing.assert_close(results[True].delta, results[False].delta, rtol=1e-3, atol=1e-4)
+    assert results[True].nll == pytest.approx(results[False].nll, rel=1e-3, abs=1e-5)
+    assert results[True].kl == pytest.approx(results[False].kl, rel=1e-3, abs=1e-5)

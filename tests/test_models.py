@@ -207,3 +207,33 @@ def test_paradigm_override_makes_llama_bidirectional(tiny_checkpoints):
 
 def test_checkpoint_dir_is_path_like(tiny_checkpoints):
     assert load_model(Path(tiny_checkpoints["gpt2"])).adapter.family == "gpt2"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_cache_gives_the_same_logits_as_whole_rows(tiny_models, family):
+    """Causal models: the columns after a cached prefix get the logits of the whole left-padded rows,
+    forward after forward (the cache is put back each time); bidirectional ones refuse."""
+    from dlmedit.paradigm.base import left_pad
+
+    lm = tiny_models[family]
+    rows = [lm.encode_prompt(p) for p in (PROMPT, "alpha was born in", "the river in north is red and")]
+    ids, mask, _ = left_pad(rows, lm.pad_token_id)
+    if family in MDM_FAMILIES:
+        assert not lm.prefix_reusable
+        with pytest.raises(ValueError, match="not causal"):
+            lm.run_prefix(ids[:, :1], mask[:, :1])
+        return
+    assert lm.prefix_reusable
+    with torch.no_grad():
+        full = lm.logits(ids, mask)
+    start = ids.shape[1] // 2
+    prefix = lm.run_prefix(ids[:, :start], mask[:, :start])
+    real = mask[:, start:].bool()
+    for _ in range(2):
+        x = torch.zeros(lm.adapter.d_model, requires_grad=True)
+        op = Intervention(0, "resid", "add", value=x)
+        with intervene(lm.adapter, [op]):
+            part = lm.logits_after(prefix, ids[:, start:], mask[:, start:])
+        torch.testing.assert_close(part[real], full[:, start:][real], rtol=1e-5, atol=1e-5)
+        part[real].sum().backward()  # a second backward through a reused prefix must not hit a freed graph
+        assert x.grad is not None

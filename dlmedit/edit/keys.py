@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dlmedit.interventions import Intervention, intervene
+from dlmedit.interventions import ForwardStopped, Intervention, intervene, stop_after
 from dlmedit.paradigm.base import TargetBatch, TargetState
 
 if TYPE_CHECKING:
@@ -191,6 +191,7 @@ def read_at_subject(
         raise ValueError("no rows to read keys from")
     out: dict[tuple[int, str], list[torch.Tensor]] = {s: [] for s in sites}
     ops = [Intervention(layer, site, "read", name=f"{site}.{layer}") for layer, site in sites]
+    ops.append(stop_after(max(lm.adapter.check_layer(layer) for layer, _ in sites)))
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -198,7 +199,10 @@ def read_at_subject(
             cols = subject_columns(batch, [r.subject_index for r in chunk])
             batch = batch.to(lm.device)
             with intervene(lm.adapter, ops) as rec:
-                lm.logits(batch.input_ids, batch.attention_mask)
+                try:
+                    lm.logits(batch.input_ids, batch.attention_mask)
+                except ForwardStopped:
+                    pass
             b = torch.arange(len(chunk))
             for layer, site in sites:
                 out[(layer, site)].append(rec[f"{site}.{layer}"][b, cols.to(lm.device)].float().cpu())

@@ -117,7 +117,7 @@ class LocateEditor(Editor):
             target_states=str(h["target_states"]), n_states=int(h["n_states"]), refresh_every=int(h["refresh_every"]),
             value_mode=str(h["value_mode"]), early_stop_nll=float(h["early_stop_nll"]),
             essence_template=str(h["essence_template"]), fact_token=str(h["fact_token"]),
-            batch_size=int(h["batch_size"]), seed=self.seed,
+            batch_size=int(h["batch_size"]), seed=self.seed, reuse_prefix=bool(h.get("reuse_prefix", True)),
         )
         base.update(changes)
         try:

@@ -10,6 +10,7 @@ writing one adapter and registering it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -85,6 +86,8 @@ class ArchitectureAdapter:
     down_weight_transposed: ClassVar[bool] = False
     #: Whether the module's forward accepts ``position_ids`` (needed for left padding).
     accepts_position_ids: ClassVar[bool] = True
+    #: Whether the module's forward takes a transformers key/value ``Cache`` for earlier columns.
+    supports_prefix_cache: ClassVar[bool] = True
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -185,6 +188,57 @@ class ArchitectureAdapter:
         out = self.module(use_cache=False, **kwargs)
         return out.logits if hasattr(out, "logits") else out[0]
 
+    def run_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PrefixCache:
+        """Run the first columns once (no grad) and keep every layer's keys and values for them."""
+        from transformers import DynamicCache
+
+        if not self.supports_prefix_cache:
+            raise NotImplementedError(f"{type(self).__name__} does not take a key/value cache")
+        cache = DynamicCache()
+        with torch.no_grad():
+            self.module(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0),
+                        past_key_values=cache, use_cache=True)
+        return PrefixCache(cache, attention_mask, int(input_ids.shape[1]),
+                           [(layer.keys, layer.values) for layer in cache.layers])
+
+    def forward_logits_after(
+        self, prefix: PrefixCache, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits [B, S, V] of the S columns that follow ``prefix`` (same rows, same left padding).
+
+        Only valid under causal attention, where earlier columns never see later ones; the
+        cache is cropped back afterwards, so one prefix serves any number of forwards
+        (also with autograd: the concatenated keys/values are fresh tensors each time).
+        """
+        if input_ids.shape[0] != prefix.attention_mask.shape[0]:
+            raise ValueError(f"prefix holds {prefix.attention_mask.shape[0]} rows, got {input_ids.shape[0]}")
+        full_mask = torch.cat([prefix.attention_mask, attention_mask.to(prefix.attention_mask)], 1)
+        position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, prefix.length:]
+        cache_position = torch.arange(prefix.length, full_mask.shape[1], device=input_ids.device)
+        try:
+            out = self.module(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
+                              past_key_values=prefix.cache, cache_position=cache_position, use_cache=True)
+        finally:
+            prefix.restore()
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+@dataclass
+class PrefixCache:
+    """Keys/values of a batch's first ``length`` columns (see :meth:`ArchitectureAdapter.run_prefix`)."""
+
+    cache: Any
+    attention_mask: torch.Tensor
+    length: int
+    #: each layer's original keys/values: a forward appends to the cache, and with autograd the appended
+    #: tensors belong to that forward's graph, so the cache is put back to these after every forward.
+    saved: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def restore(self) -> None:
+        for layer, (keys, values) in zip(self.cache.layers, self.saved, strict=True):
+            layer.keys, layer.values = keys, values
+
 
 @register_adapter
 class LlamaAdapter(ArchitectureAdapter):
@@ -276,6 +330,7 @@ class LLaDARemoteAdapter(ArchitectureAdapter):
     model_types = ()
     module_classes = ("LLaDAModelLM",)
     accepts_position_ids = False
+    supports_prefix_cache = False
 
     def _transformer(self) -> nn.Module:
         return self.module.model.transformer

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dlmedit.errors import EmptyTargetError, MaskTokenInPromptError, PromptTooLongError
-from dlmedit.models.adapters import ArchitectureAdapter
+from dlmedit.models.adapters import ArchitectureAdapter, PrefixCache
 from dlmedit.paradigm.base import GenerationResult, Paradigm, ScoreResult
 
 
@@ -134,6 +134,22 @@ class LanguageModel:
     ) -> torch.Tensor:
         """Raw logits [B, T, V] (no paradigm shift applied); grad enabled if the caller enables it."""
         return self.adapter.forward_logits(input_ids, attention_mask, inputs_embeds)
+
+    @property
+    def prefix_reusable(self) -> bool:
+        """True when earlier columns' states can be computed once and reused (causal attention + a cache)."""
+        return bool(self.paradigm.causal_attention and self.adapter.supports_prefix_cache)
+
+    def run_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PrefixCache:
+        """Keys/values of the first columns of a batch, for :meth:`logits_after` (causal models only)."""
+        if not self.prefix_reusable:
+            raise ValueError(f"{self.name}: columns cannot be reused (attention is not causal or no cache support)")
+        return self.adapter.run_prefix(input_ids, attention_mask)
+
+    def logits_after(self, prefix: PrefixCache, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Raw logits [B, S, V] of the columns that follow ``prefix`` — equal to the last S columns of
+        :meth:`logits` on the whole rows, at the cost of S columns."""
+        return self.adapter.forward_logits_after(prefix, input_ids, attention_mask)
 
     def score(self, prompts: Sequence[str], targets: Sequence[str], estimator: str | None = None, **options: Any) -> list[ScoreResult]:
         return self.paradigm.score(self, prompts, targets, estimator=estimator, **options)

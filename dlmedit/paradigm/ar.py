@@ -23,6 +23,7 @@ class ARParadigm(Paradigm):
 
     name = "arm"
     has_intermediate_states = False
+    causal_attention = True
 
     def state_row(self, state: TargetState) -> tuple[list[int], list[int]]:
         row = list(state.prompt_ids) + list(state.target_ids[:-1])

@@ -135,6 +135,16 @@ class GenerationResult:
     commit_step: torch.Tensor | None = None
 
 
+def shifted_batch(batch: TargetBatch, start: int) -> TargetBatch:
+    """``batch`` seen from column ``start`` on (logits of the columns ``start:`` only): readout
+    columns move left by ``start``; inputs are sliced the same way."""
+    readout = torch.where(batch.readout >= 0, batch.readout - start, batch.readout)
+    if bool((readout[batch.scored] < 0).any()):
+        raise ValueError(f"a scored target is read before column {start}")
+    return TargetBatch(batch.input_ids[:, start:], batch.attention_mask[:, start:], readout, batch.target,
+                       batch.scored, batch.prompt_offset - start, batch.prompt_len, states=batch.states)
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Left-pad token rows; returns ids, attention mask and each row's pad count."""
     width = max(len(r) for r in rows)
@@ -156,6 +166,9 @@ class Paradigm(ABC):
     name: str = ""
     #: how many target states a target has beyond the final one (ARM: none).
     has_intermediate_states: bool = False
+    #: whether the model attends causally (a column never sees later ones), so the states of a
+    #: batch's first columns can be computed once and reused (:meth:`LanguageModel.prefix_reusable`).
+    causal_attention: bool = False
 
     # -- layout ------------------------------------------------------------------
     @abstractmethod
