@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -133,7 +134,11 @@ def test_study_runs_unlearning_and_real_model_end_to_end(tiny_checkpoints, tmp_p
                                 "hparams": {"rome": {"layers": [1], **fast}, "memit": {"layers": [0, 1], **fast}}}})
     config.real_model = model
     out = tmp_path / "study"
+    # stage by stage into one folder (the stage list is not part of the configuration's digest)
+    first = run_study(dataclasses.replace(config, stages=["unlearning"]), out, log=lambda _m: None)
+    assert set(first["results"]) == {"unlearning"}
     collected = run_study(config, out, log=lambda _m: None)
+    assert collected["results"]["unlearning"] == first["results"]["unlearning"]
     summary = build_summary(collected, config.__dict__)
     save_summary(out, summary)
     assert set(summary["unlearning"][model]["methods"]) == {"memory", "ga", "memory gate 0.85"}

@@ -88,6 +88,7 @@ def study_command(
     save_summary(out, summary)
     from dlmedit.cache import atomic_write_json
 
-    atomic_write_json(out / "timings.json", {"wall_time_s": wall, "cells": collected["timings"]})
+    atomic_write_json(out / "timings.json", {"wall_time_s": wall, "cells_total_s": sum(collected["timings"].values()),
+                                             "cells": collected["timings"]})
     html, md = write_report(out, summary, collected, versions(), wall)
     typer.echo(f"wrote {out / 'summary.json'}, {html}, {md} in {wall:.0f} s")

@@ -413,7 +413,9 @@ def write_report(out: Path, summary: dict[str, Any], collected: dict[str, Any], 
     """Write report.html + report.md from the summary and the per-stage plots."""
     report = Report("dlmedit study: editing masked diffusion vs autoregressive models",
                     f"models: {', '.join(summary['config']['models'])}; seeds: {summary['config']['seeds']}; "
-                    f"quick={summary['config']['quick']}; wall time {wall_time_s:.0f} s")
+                    f"quick={summary['config']['quick']}; wall time {wall_time_s:.0f} s (this run); "
+                    f"{sum(collected['timings'].values()):.0f} s summed over the {len(collected['timings'])} cells "
+                    "(all runs, if resumed)")
     report.section("Findings (generated from the numbers)").bullets(statements(summary) or ["no stage produced numbers"])
     stages_dir = out / "stages"
     if summary["trace"]:

@@ -70,7 +70,10 @@ class StudyConfig:
         return base
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """Hash of what determines the numbers.  ``stages`` is left out: it only selects which cells
+        run, so a study can be run stage by stage (or in parallel processes) into one folder."""
+        numbers = {k: v for k, v in asdict(self).items() if k != "stages"}
+        return hashlib.sha256(json.dumps(numbers, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
