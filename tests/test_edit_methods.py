@@ -340,3 +340,29 @@ def test_prefix_reuse_fits_the_same_values_as_whole_rows(tiny_models, fast, fami
     torch.testing.assert_close(results[True].delta, results[False].delta, rtol=1e-3, atol=1e-4)
     assert results[True].nll == pytest.approx(results[False].nll, rel=1e-3, abs=1e-5)
     assert results[True].kl == pytest.approx(results[False].kl, rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "llada"])
+def test_key_states_average_the_key_over_target_states(tiny_models, fast, family):
+    """k* over ``trajectory`` states = the mean key over those states; an ARM has one state, so the same key."""
+    from dlmedit.edit.keys import KeyedState, read_at_subject
+    from dlmedit.edit.rome import subject_key
+
+    lm = tiny_models[family]
+    editor = get_editor("rome", lm, layers=[1], **fast)
+    req = EditRequest("the capital of {} is", "france", "north south east", "paris")  # a multi-token answer
+    contexts = editor.contexts([req])[0]
+    final = subject_key(lm, contexts, 1)
+    averaged = subject_key(lm, contexts, 1, key_states="trajectory")
+    rows = [KeyedState(st, c.subject_index) for c in contexts
+            for st in lm.paradigm.target_states(lm, c.prompt_ids, c.target_ids, "trajectory")]
+    manual = read_at_subject(lm, rows, [(1, "mlp_key")])[(1, "mlp_key")].mean(0)
+    torch.testing.assert_close(averaged, manual, rtol=1e-5, atol=1e-6)
+    if lm.paradigm.has_intermediate_states:
+        assert len(rows) > len(contexts) and not torch.allclose(averaged, final)
+        delta = get_editor("rome", lm, layers=[1], key_states="trajectory", **fast).compute([req])
+        assert delta.method == "rome"
+    else:
+        torch.testing.assert_close(averaged, final)
+    with pytest.raises(EditConfigError, match="key_states"):
+        get_editor("rome", lm, layers=[1], key_states="sideways", **fast).compute([REQ])

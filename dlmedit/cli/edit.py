@@ -89,6 +89,8 @@ def edit_command(
     limit: int = typer.Option(None, help="with --requests: edit only the first N records"),
     layers: str = typer.Option(None, help="comma-separated layer indices or depth fractions, or 'trace'"),
     target_states: str = typer.Option(None, "--target-states", help="final | partial | trajectory (the MDM correction)"),
+    key_states: str = typer.Option(None, "--key-states",
+                                   help="final | partial | trajectory: states the key k* is averaged over"),
     hparam: list[str] = typer.Option([], "--hparam", help="override a hyper-parameter: key=value (repeat)"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(..., "--out", help="directory for the delta and edit.json"),
@@ -110,6 +112,8 @@ def edit_command(
         overrides["layers"] = _parse_layers(layers)
     if target_states is not None:
         overrides["target_states"] = target_states
+    if key_states is not None:
+        overrides["key_states"] = key_states
     lm = load_model(model, trust_remote_code=trust_remote_code)
     editor = get_editor(method, lm, seed=seed, **overrides)
     before = _probe(lm, reqs, max_new_tokens)

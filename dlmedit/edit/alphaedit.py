@@ -26,7 +26,7 @@ from dlmedit.edit.editor import register_editor
 from dlmedit.edit.errors import StatisticsError
 from dlmedit.edit.hparams import EditConfigError
 from dlmedit.edit.locate import as_requests
-from dlmedit.edit.memit import MEMITEditor, layer_keys_and_residual
+from dlmedit.edit.memit import MEMITEditor
 from dlmedit.edit.solves import alphaedit_update, null_space_projector
 
 __all__ = ["AlphaEditEditor", "null_space_threshold"]
@@ -120,8 +120,7 @@ class AlphaEditEditor(MEMITEditor):
         keys: dict[int, torch.Tensor] = {}
         with self.applied_while_computing() as push:
             for layer in layers:
-                keys[layer], _ = layer_keys_and_residual(self.lm, contexts, layer, layers[-1],
-                                                         int(self.hparams["batch_size"]))
+                keys[layer], _ = self.layer_keys(contexts, layer, layers[-1])
                 _, _, pname = self.down_weight(layer)
                 if pname in delta.deltas:
                     push({pname: delta.deltas[pname]})

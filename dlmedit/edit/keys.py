@@ -17,7 +17,7 @@ match the one the edited weight will actually see.  The subject column is
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,8 +37,10 @@ __all__ = [
     "EditContext",
     "KeyedState",
     "build_contexts",
+    "build_state_rows",
     "context_prefixes",
     "keyed_token",
+    "mean_keys",
     "read_at_subject",
     "subject_columns",
 ]
@@ -207,3 +209,59 @@ def read_at_subject(
             for layer, site in sites:
                 out[(layer, site)].append(rec[f"{site}.{layer}"][b, cols.to(lm.device)].float().cpu())
     return {s: torch.cat(v) for s, v in out.items()}
+
+
+def build_state_rows(
+    lm: LanguageModel,
+    contexts: Sequence[Sequence[EditContext]],
+    kind: str,
+    n_states: int,
+    active: Sequence[int],
+    generator: torch.Generator,
+    edit_ops: Callable[[int, int], list[Intervention]] | None = None,
+) -> list[KeyedState]:
+    """Target-state rows (``kind`` states of every context) of the requests in ``active``.
+
+    ``edit_ops(owner, subject_index)`` gives the interventions that put the current
+    edit into a one-row forward, so ``trajectory`` states are those of the *edited*
+    model: the paradigm lays out one (prompt, target) pair per call, without padding.
+    """
+    rows: list[KeyedState] = []
+    for i in active:
+        for ctx in contexts[i]:
+            if kind == "trajectory":
+                ops = edit_ops(i, ctx.subject_index) if edit_ops is not None else []
+                with torch.no_grad(), intervene(lm.adapter, ops):
+                    states = lm.paradigm.target_states(lm, ctx.prompt_ids, ctx.target_ids, "trajectory")
+            else:
+                states = lm.paradigm.target_states(lm, ctx.prompt_ids, ctx.target_ids, kind, n=n_states,
+                                                   generator=generator)
+            rows.extend(KeyedState(st, ctx.subject_index, i) for st in states)
+    return rows
+
+
+def mean_keys(
+    lm: LanguageModel,
+    contexts: Sequence[Sequence[EditContext]],
+    layer: int,
+    kind: str = "final",
+    n_states: int = 4,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """``[n, d_mlp]``: request i's ``mlp_key`` at ``layer`` at its keyed token, averaged over its
+    contexts × ``kind`` target states of the (unedited) model.
+
+    Why states: ROME reads k* in the one state it fits the value on.  An MDM produces a
+    multi-token answer through partially revealed states, and where the keyed token sits
+    in the answer window its key drifts as tokens are revealed (``bench/rome_key_drift.py``:
+    the update's firing falls to a tenth of its fitted strength).  Averaging the key over
+    ``partial`` / ``trajectory`` states centres the update on the states it must act in.
+    ARMs have one state, so every kind gives their usual key.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    rows = build_state_rows(lm, contexts, kind, n_states, range(len(contexts)), generator)
+    keys = read_at_subject(lm, rows, [(layer, "mlp_key")], batch_size)[(layer, "mlp_key")]
+    owners = torch.tensor([r.owner for r in rows])
+    n = len(contexts)
+    return torch.zeros(n, keys.shape[1]).index_add_(0, owners, keys) / torch.bincount(owners, minlength=n).unsqueeze(1)

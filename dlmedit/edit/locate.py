@@ -23,7 +23,7 @@ from dlmedit.edit.hparams import EditConfigError, load_hparams, resolve_layers
 from dlmedit.edit.keys import EditContext, build_contexts, context_prefixes
 from dlmedit.edit.solves import check_well_conditioned
 from dlmedit.edit.statistics import StatsSettings, key_second_moments
-from dlmedit.edit.values import ValueSettings
+from dlmedit.edit.values import TARGET_STATE_KINDS, ValueSettings
 
 if TYPE_CHECKING:
     from dlmedit.models.language_model import LanguageModel
@@ -111,6 +111,9 @@ class LocateEditor(Editor):
 
     def value_settings(self, layer: int, site: str, **changes: Any) -> ValueSettings:
         h = self.hparams
+        if h.get("key_states", "final") not in TARGET_STATE_KINDS:
+            raise EditConfigError(f"{self.name}: key_states must be one of {', '.join(TARGET_STATE_KINDS)}, "
+                                  f"got {h['key_states']!r}")
         base = dict(
             layer=layer, site=site, steps=int(h["v_steps"]), lr=float(h["v_lr"]), kl_factor=float(h["kl_factor"]),
             weight_decay=float(h["v_weight_decay"]), clamp_norm_factor=float(h["clamp_norm_factor"]),

@@ -23,7 +23,7 @@ import torch
 from dlmedit.data.records import EditRequest
 from dlmedit.edit.delta import EditDelta, to_param_layout
 from dlmedit.edit.editor import register_editor
-from dlmedit.edit.keys import EditContext, KeyedState, read_at_subject
+from dlmedit.edit.keys import EditContext, KeyedState, mean_keys, read_at_subject
 from dlmedit.edit.locate import LocateEditor, as_requests
 from dlmedit.edit.solves import memit_update, spread_residual
 from dlmedit.edit.values import optimise_values
@@ -42,10 +42,17 @@ class MEMITTargets:
 
 
 def layer_keys_and_residual(
-    lm: Any, contexts: Sequence[Sequence[EditContext]], layer: int, z_layer: int, batch_size: int = 64
+    lm: Any, contexts: Sequence[Sequence[EditContext]], layer: int, z_layer: int, batch_size: int = 64,
+    key_states: str = "final", n_states: int = 4, seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K ``[d_mlp, n]`` (keys at ``layer`` averaged over each request's contexts) and the current
-    residual ``[n, d_model]`` at ``z_layer`` in each request's bare prompt — one batched read."""
+    residual ``[n, d_model]`` at ``z_layer`` in each request's bare prompt — one batched read.
+
+    ``key_states`` other than ``final`` average the keys over those target states as well
+    (:func:`~dlmedit.edit.keys.mean_keys`); the residual is always the final state's."""
+    if key_states != "final":
+        K, h = layer_keys_and_residual(lm, contexts, layer, z_layer, batch_size)
+        return mean_keys(lm, contexts, layer, key_states, n_states, seed, batch_size).T.contiguous(), h
     rows, owners = [], []
     for i, ctxs in enumerate(contexts):
         for c in ctxs:
@@ -72,6 +79,12 @@ class MEMITEditor(LocateEditor):
     def solve_layer(self, index: int, layer: int, K: torch.Tensor, R: torch.Tensor, C: torch.Tensor | None) -> torch.Tensor:
         """Update ``[d_out, d_in]`` of one layer from its keys and (already spread) residuals."""
         return memit_update(K, R, C, float(self.hparams["mom2_update_weight"]))
+
+    def layer_keys(self, contexts: Sequence[Sequence[EditContext]], layer: int, z_layer: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`layer_keys_and_residual` with this editor's ``key_states`` settings."""
+        return layer_keys_and_residual(self.lm, contexts, layer, z_layer, int(self.hparams["batch_size"]),
+                                       str(self.hparams["key_states"]), int(self.hparams["n_states"]), self.seed)
 
     def after_compute(self, keys: dict[int, torch.Tensor]) -> None:
         """Hook for stateful methods (AlphaEdit remembers the keys of earlier edits)."""
@@ -104,7 +117,7 @@ class MEMITEditor(LocateEditor):
         residual_norms = []
         with self.applied_while_computing() as push:
             for index, layer in enumerate(layers):
-                K, h = layer_keys_and_residual(self.lm, contexts, layer, z_layer, batch_size)
+                K, h = self.layer_keys(contexts, layer, z_layer)
                 R = spread_residual((z - h.double()).T, len(layers) - index)
                 residual_norms.append(float((z - h.double()).norm(dim=-1).mean()))
                 param, transposed, pname = self.down_weight(layer)

@@ -4,7 +4,9 @@ For each request, in order (each computed on the model carrying the previous one
 as ROME applies a list of requests):
 
 1. k* — the down-projection input at the last subject token, averaged over the bare
-   prompt and the context prefixes, read in the paradigm's target layout;
+   prompt and the context prefixes, read in the paradigm's target layout (``key_states``:
+   in the final target state as ROME does, or averaged over ``partial`` / ``trajectory``
+   states — the MDM correction applied to the key);
 2. u = C⁻¹k* with C the key second moment (``use_stats: false`` → u = k*);
 3. δ from the shared value optimisation at the layer's MLP output (target states and
    ``value_mode`` as configured), v* = W k* + δ;
@@ -25,7 +27,7 @@ import torch
 from dlmedit.data.records import EditRequest
 from dlmedit.edit.delta import EditDelta, to_param_layout, weight_matrix_view
 from dlmedit.edit.editor import register_editor
-from dlmedit.edit.keys import KeyedState, read_at_subject
+from dlmedit.edit.keys import mean_keys
 from dlmedit.edit.locate import LocateEditor, as_requests
 from dlmedit.edit.solves import rank_one_update
 from dlmedit.edit.values import RankOneInjection, optimise_values
@@ -33,10 +35,10 @@ from dlmedit.edit.values import RankOneInjection, optimise_values
 __all__ = ["ROMEEditor", "subject_key"]
 
 
-def subject_key(lm: Any, contexts: Sequence[Any], layer: int, batch_size: int = 64) -> torch.Tensor:
-    """k*: mean ``mlp_key`` at the last subject token over a request's contexts (final target states)."""
-    rows = [KeyedState(lm.paradigm.final_state(c.prompt_ids, c.target_ids), c.subject_index) for c in contexts]
-    return read_at_subject(lm, rows, [(layer, "mlp_key")], batch_size)[(layer, "mlp_key")].mean(0)
+def subject_key(lm: Any, contexts: Sequence[Any], layer: int, batch_size: int = 64, key_states: str = "final",
+                n_states: int = 4, seed: int = 0) -> torch.Tensor:
+    """k*: mean ``mlp_key`` at the keyed token over a request's contexts × ``key_states`` target states."""
+    return mean_keys(lm, [contexts], layer, key_states, n_states, seed, batch_size)[0]
 
 
 @register_editor
@@ -62,7 +64,8 @@ class ROMEEditor(LocateEditor):
         with self.applied_while_computing() as push:
             for i, request in enumerate(requests):
                 contexts = self.contexts([request])
-                k_star = subject_key(self.lm, contexts[0], layer, settings.batch_size).double()
+                k_star = subject_key(self.lm, contexts[0], layer, settings.batch_size, self.hparams["key_states"],
+                                     settings.n_states, self.seed).double()
                 u = C_inv @ k_star if C_inv is not None else k_star
                 injection = RankOneInjection(u.float().unsqueeze(0), k_star.float().unsqueeze(0))
                 result = optimise_values(self.lm, contexts, [request.subject], settings, injection,

@@ -38,7 +38,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dlmedit.edit.keys import FACT_TOKENS, EditContext, KeyedState, keyed_token, read_at_subject, subject_columns
+from dlmedit.edit.keys import (
+    FACT_TOKENS,
+    EditContext,
+    KeyedState,
+    build_state_rows,
+    keyed_token,
+    read_at_subject,
+    subject_columns,
+)
 from dlmedit.interventions import Intervention, intervene
 from dlmedit.paradigm.base import TARGET_STATE_KINDS, TargetBatch, shifted_batch
 
@@ -241,35 +249,6 @@ class _Forward:
             return h + onehot * vec.to(h.device, h.dtype)
 
         return [Intervention(s.layer, s.site, "fn", fn=add_at_subject)]
-
-
-def build_state_rows(
-    lm: LanguageModel,
-    contexts: Sequence[Sequence[EditContext]],
-    kind: str,
-    n_states: int,
-    active: Sequence[int],
-    generator: torch.Generator,
-    edit_ops: Callable[[int, int], list[Intervention]] | None = None,
-) -> list[KeyedState]:
-    """Target-state rows (``kind`` states of every context) of the requests in ``active``.
-
-    ``edit_ops(owner, subject_index)`` gives the interventions that put the current
-    edit into a one-row forward, so ``trajectory`` states are those of the *edited*
-    model: the paradigm lays out one (prompt, target) pair per call, without padding.
-    """
-    rows: list[KeyedState] = []
-    for i in active:
-        for ctx in contexts[i]:
-            if kind == "trajectory":
-                ops = edit_ops(i, ctx.subject_index) if edit_ops is not None else []
-                with torch.no_grad(), intervene(lm.adapter, ops):
-                    states = lm.paradigm.target_states(lm, ctx.prompt_ids, ctx.target_ids, "trajectory")
-            else:
-                states = lm.paradigm.target_states(lm, ctx.prompt_ids, ctx.target_ids, kind, n=n_states,
-                                                   generator=generator)
-            rows.extend(KeyedState(st, ctx.subject_index, i) for st in states)
-    return rows
 
 
 def rows_nll(
