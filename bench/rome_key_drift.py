@@ -9,6 +9,7 @@ uᵀk_t / uᵀk* per reveal step, plus how many new targets greedy denoising pro
 
     python bench/rome_key_drift.py                      # builtin:mdm, 12 facts
     python bench/rome_key_drift.py --model builtin:dream --target-states partial
+    python bench/rome_key_drift.py --target-states trajectory --key-states partial   # the key correction
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:mdm")
     parser.add_argument("--n", type=int, default=12, help="facts (new target ≥ 4 tokens)")
     parser.add_argument("--target-states", default="final", help="final | partial | trajectory (value fitting)")
+    parser.add_argument("--key-states", default="final", help="final | partial | trajectory (states k* is averaged over)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -37,7 +39,7 @@ def main() -> None:
 
     lm = load_model(args.model)
     records = [r for r in load_dataset("world") if target_length(lm, r) >= 4][: args.n]
-    editor = get_editor("rome", lm, seed=args.seed, target_states=args.target_states)
+    editor = get_editor("rome", lm, seed=args.seed, target_states=args.target_states, key_states=args.key_states)
     ratios: dict[int, list[float]] = {}
     exact = 0
     for record in records:
@@ -55,7 +57,8 @@ def main() -> None:
             exact += lm.generate([req.prompt], window).texts[0].strip() == req.target_new.strip()
         for step, key in enumerate(keys):
             ratios.setdefault(step, []).append(float(u @ key.float() / (u @ k_star)))
-    print(f"{args.model}, ROME fitted on {args.target_states!r} states, {len(records)} new targets of ≥ 4 tokens")
+    print(f"{args.model}, ROME: value fitted on {args.target_states!r} states, key averaged over {args.key_states!r} "
+          f"states, {len(records)} new targets of ≥ 4 tokens")
     print(f"greedy denoising produced the new target: {exact} / {len(records)}")
     print("revealed tokens | mean uᵀk/uᵀk* | min | n")
     for step in sorted(ratios):

@@ -188,6 +188,41 @@ class ArchitectureAdapter:
         out = self.module(use_cache=False, **kwargs)
         return out.logits if hasattr(out, "logits") else out[0]
 
+    def forward_logits_cached(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Logits of unpadded rows and every layer's keys/values ``[B, heads, T, d]`` (causal models).
+
+        Why: :meth:`forward_logits_after_columns` can then run only the later columns of rows
+        whose earlier columns are known to equal these (batched causal tracing).
+        """
+        from transformers import DynamicCache
+
+        if not self.supports_prefix_cache:
+            raise NotImplementedError(f"{type(self).__name__} does not take a key/value cache")
+        cache = DynamicCache()
+        out = self.module(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        return (out.logits if hasattr(out, "logits") else out[0]), [(layer.keys, layer.values) for layer in cache.layers]
+
+    def forward_logits_after_columns(
+        self, input_ids: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """Logits of columns ``P:`` of unpadded rows given every layer's keys/values of columns ``:P``.
+
+        ``past[j]`` may hold more rows than ``input_ids`` (rows added by hooks between layers:
+        batched tracing grows its batch mid-forward), so the causal mask is passed with a
+        batch dimension of one and broadcast.
+        """
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for j, (keys, values) in enumerate(past):
+            cache.update(keys, values, j)
+        start = int(past[0][0].shape[-2])
+        q = int(input_ids.shape[1])
+        cols = torch.arange(start + q, device=input_ids.device)
+        mask = (cols[None, :] <= (start + torch.arange(q, device=input_ids.device))[:, None])[None, None]
+        out = self.module(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        return out.logits if hasattr(out, "logits") else out[0]
+
     def run_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PrefixCache:
         """Run the first columns once (no grad) and keep every layer's keys and values for them."""
         from transformers import DynamicCache

@@ -26,6 +26,12 @@ forward, and three kinds of work that a per-cell loop repeats are done once:
    unembedding run only at the readout columns (checked once per fact against the
    model's own logits; if they differ — e.g. a logit soft-cap — full logits are used).
 
+4. **Earlier columns of a causal model.**  Under causal attention, restoring column c
+   changes nothing at columns before c, in any layer.  The recording forward keeps every
+   layer's keys and values, and the rows restoring column c run as one forward over
+   columns c… only, on top of the corrupted run's keys/values for the columns before
+   (gathered per layer for the rows present there, since the batch grows mid-forward).
+
 The numbers equal `dlmedit.trace.reference` (one forward per cell) to float rounding.
 """
 
@@ -79,10 +85,11 @@ class TraceStats:
     duplicate_cells: int = 0
     rows: int = 0
     forwards: int = 0
-    layer_rows: int = 0
+    layer_rows: float = 0.0
     seconds: float = 0.0
     grow: bool = True
     head_shortcut: bool = True
+    skip_columns: bool = False
 
     def forward_equivalents(self, n_layers: int, rows_per_forward: int) -> float:
         """Layer-rows processed / layer-rows of one full forward of ``rows_per_forward`` rows."""
@@ -113,10 +120,11 @@ class _Stop(Exception):
 
 def _gather_logprobs(
     lm: LanguageModel, hidden_or_logits: torch.Tensor, states: torch.Tensor, plan: TracePlan, from_hidden: bool,
-    max_elements: int,
+    max_elements: int, start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob and argmax-match of every target token at its readout column, rows × Lt."""
-    readout = plan.batch.readout.to(hidden_or_logits.device)
+    """Log-prob and argmax-match of every target token at its readout column, rows × Lt
+    (``start``: the tensor holds the columns from ``start`` on)."""
+    readout = (plan.batch.readout - start).to(hidden_or_logits.device)
     target = plan.batch.target.to(hidden_or_logits.device)
     n_tok = readout.shape[1]
     vocab = int(lm.adapter.head().weight.shape[0]) if from_hidden else int(hidden_or_logits.shape[-1])
@@ -170,20 +178,31 @@ class _Context:
         self.noise = plan.noise.to(device=lm.device, dtype=lm.dtype)
         self.window_lo = {s: np.array([plan.restored_layers(s, j).start for j in range(self.L)]) for s in plan.sites}
         self.window_hi = {s: np.array([plan.restored_layers(s, j).stop for j in range(self.L)]) for s in plan.sites}
+        #: causal models: every layer's keys/values of the recording forward's rows (clean K, then K × S
+        #: corrupted), so a forward restoring column c runs only columns ≥ c (see ``_run_chunk``)
+        self.past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        read = plan.batch.readout[plan.batch.readout >= 0]
+        self.first_read_col = int(read.min()) if read.numel() else 0
 
 
-def _embed_noise_op(ctx: _Context, samples: torch.Tensor, noisy: torch.Tensor) -> Intervention:
+def _embed_noise_op(ctx: _Context, samples: torch.Tensor, noisy: torch.Tensor, start: int = 0) -> Intervention:
+    """Noise on the subject columns of the rows marked ``noisy`` (for inputs holding columns ``start:``)."""
     rows = samples.shape[0]
-    value = torch.zeros(rows, ctx.T, ctx.lm.adapter.d_model, dtype=ctx.lm.dtype, device=ctx.lm.device)
-    mask = torch.zeros(rows, ctx.T, dtype=torch.bool, device=ctx.lm.device)
+    value = torch.zeros(rows, ctx.T - start, ctx.lm.adapter.d_model, dtype=ctx.lm.dtype, device=ctx.lm.device)
+    mask = torch.zeros(rows, ctx.T - start, dtype=torch.bool, device=ctx.lm.device)
     sel = torch.nonzero(noisy).squeeze(1)
-    value[sel.unsqueeze(1), ctx.subject.unsqueeze(0)] = ctx.noise[samples[sel]]
-    mask[sel.unsqueeze(1), ctx.subject.unsqueeze(0)] = True
+    keep = ctx.subject >= start
+    value[sel.unsqueeze(1), (ctx.subject[keep] - start).unsqueeze(0)] = ctx.noise[samples[sel]][:, keep]
+    mask[sel.unsqueeze(1), (ctx.subject[keep] - start).unsqueeze(0)] = True
     return Intervention(0, "embed", "add", mask=mask, value=value, name="trace.noise")
 
 
-def _run_chunk(ctx: _Context, rows: _Rows, grow: bool) -> tuple[torch.Tensor, int]:
-    """Log-probs [len(rows), Lt] of the rows of one forward, and the layer-rows it processed."""
+def _run_chunk(ctx: _Context, rows: _Rows, grow: bool, start: int = 0) -> tuple[torch.Tensor, float]:
+    """Log-probs [len(rows), Lt] of the rows of one forward, and the layer-rows it processed.
+
+    ``start`` > 0 (causal models, every row restoring a column ≥ ``start``): columns before
+    ``start`` equal the corrupted run's in every layer, so only columns ``start:`` are run,
+    on top of the recorded corrupted keys/values (layer-rows are counted pro rata)."""
     lm, plan, K, S, L, dev = ctx.lm, ctx.plan, ctx.K, ctx.S, ctx.L, ctx.lm.device
     keys = list(zip(rows.site.tolist(), rows.layer.tolist(), rows.col.tolist(), rows.state.tolist(),
                     rows.sample.tolist(), strict=True))
@@ -219,7 +238,8 @@ def _run_chunk(ctx: _Context, rows: _Rows, grow: bool) -> tuple[torch.Tensor, in
     def t(a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(a, dtype=torch.long, device=dev)
 
-    ops: list[Intervention] = [_embed_noise_op(ctx, t(all_sample[:n_init]), torch.ones(n_init, dtype=torch.bool, device=dev))]
+    ops: list[Intervention] = [_embed_noise_op(ctx, t(all_sample[:n_init]), torch.ones(n_init, dtype=torch.bool, device=dev),
+                                               start)]
     for si, site in enumerate(plan.sites):
         if site == "resid":
             continue
@@ -231,6 +251,7 @@ def _run_chunk(ctx: _Context, rows: _Rows, grow: bool) -> tuple[torch.Tensor, in
                 continue
             r, c, k = t(sel), t(col_of[sel]), t(all_state[sel])
             value = ctx.clean[site][j][k, c]
+            c = c - start
 
             def restore(h: torch.Tensor, r=r, c=c, value=value) -> torch.Tensor:
                 out = h.clone()
@@ -256,11 +277,11 @@ def _run_chunk(ctx: _Context, rows: _Rows, grow: bool) -> tuple[torch.Tensor, in
                      jfix_k=jfix_k, clean_j=clean_j, last=last) -> torch.Tensor:
             if len(fix_r):
                 h = h.clone()
-                h[fix_r, fix_c] = clean_j[fix_k, fix_c]
+                h[fix_r, fix_c - start] = clean_j[fix_k, fix_c]
             if len(src):
                 new = h[src]
                 if len(jfix_r):
-                    new[jfix_r, jfix_c] = clean_j[jfix_k, jfix_c]
+                    new[jfix_r, jfix_c - start] = clean_j[jfix_k, jfix_c]
                 h = torch.cat([h, new], 0)
             if last and ctx.shortcut:
                 raise _Stop(h)
@@ -268,17 +289,26 @@ def _run_chunk(ctx: _Context, rows: _Rows, grow: bool) -> tuple[torch.Tensor, in
 
         ops.append(Intervention(j, "resid", "fn", fn=at_resid, name=f"trace.resid.{j}"))
 
-    x = ctx.ids[t(all_state[:n_init])]
+    x = ctx.ids[t(all_state[:n_init]), start:]
+    past = None
+    if start > 0:
+        assert ctx.past is not None, "column skipping needs the recorded keys/values"
+        recorded = t(K + all_state * S + all_sample)  # each row's corrupted row in the recording forward
+        past = [(keys[recorded[: present[j]], :, :start], values[recorded[: present[j]], :, :start])
+                for j, (keys, values) in enumerate(ctx.past)]
     with intervene(lm.adapter, ops):
         try:
-            out = lm.logits(x, None)
+            if past is None:
+                out = lm.logits(x, None)
+            else:
+                out = lm.adapter.forward_logits_after_columns(x, past)
             from_hidden = False
         except _Stop as stop:
             out, from_hidden = stop.hidden, True
     if out.shape[0] != len(all_state):
         raise RuntimeError(f"grown forward returned {out.shape[0]} rows, expected {len(all_state)}")
-    lp, _ = _gather_logprobs(lm, out[n_base:], t(all_state[n_base:]), plan, from_hidden, ctx.max_elements)
-    layer_rows = n_init * L + int(sum(L - 1 - b for b in all_branch if b >= 0))
+    lp, _ = _gather_logprobs(lm, out[n_base:], t(all_state[n_base:]), plan, from_hidden, ctx.max_elements, start)
+    layer_rows = (n_init * L + int(sum(L - 1 - b for b in all_branch if b >= 0))) * (ctx.T - start) / ctx.T
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     return lp[t(inverse)], layer_rows
@@ -362,8 +392,13 @@ def run_plan(lm: LanguageModel, plan: TracePlan, max_elements: int = 2**25, grow
     ops = [_embed_noise_op(ctx0, samples, noisy)]
     record_sites = list(dict.fromkeys([*plan.sites, "resid"]))
     ops += [Intervention(j, s, "read") for s in record_sites for j in range(L)]
+    skip_columns = stats.skip_columns = grow and lm.prefix_reusable
+    past = None
     with intervene(lm.adapter, ops) as rec:
-        logits = lm.logits(rec_ids, None)
+        if skip_columns:
+            logits, past = lm.adapter.forward_logits_cached(rec_ids)
+        else:
+            logits = lm.logits(rec_ids, None)
     stats.forwards += 1
     stats.layer_rows += rec_ids.shape[0] * L
     row_states = torch.cat([torch.arange(K), torch.arange(K).repeat_interleave(S)]).to(dev)
@@ -385,18 +420,29 @@ def run_plan(lm: LanguageModel, plan: TracePlan, max_elements: int = 2**25, grow
 
     # 2. Rows of the cells that can change anything, in grown forwards.
     ctx = _Context(lm, plan, clean, shortcut, max_elements)
+    ctx.past = past
     rows, dupes, stats.noop_cells, stats.duplicate_cells = _build_rows(ctx, noop)
     stats.cells = len(plan.sites) * L * T * K
     stats.rows = len(rows)
     width = max(lm.adapter.d_mlp, lm.adapter.d_model) if shortcut else int(lm.adapter.head().weight.shape[0])
     per_chunk = max(1, max_elements // (T * width) - K * S)
     cell_lp = corr_lp.unsqueeze(0).unsqueeze(0).unsqueeze(0).repeat(len(plan.sites), L, T, 1, 1, 1).clone()
-    order = np.lexsort((rows.layer, rows.sample, rows.state, rows.col, rows.site))  # nested windows stay together
+    if skip_columns:  # one column per forward, so each runs only from its column on
+        order = np.lexsort((rows.layer, rows.sample, rows.state, rows.site, rows.col))
+    else:
+        order = np.lexsort((rows.layer, rows.sample, rows.state, rows.col, rows.site))  # nested windows stay together
     rows = rows.take(order)
-    for start in range(0, len(rows), per_chunk):
-        chunk = rows.take(np.arange(start, min(start + per_chunk, len(rows))))
+    chunks: list[tuple[np.ndarray, int]] = []
+    if skip_columns:
+        for col in np.unique(rows.col):
+            idx = np.nonzero(rows.col == col)[0]
+            chunks += [(idx[i : i + per_chunk], min(int(col), ctx.first_read_col)) for i in range(0, len(idx), per_chunk)]
+    else:
+        chunks = [(np.arange(i, min(i + per_chunk, len(rows))), 0) for i in range(0, len(rows), per_chunk)]
+    for idx, first_col in chunks:
+        chunk = rows.take(idx)
         try:
-            lp, work = _run_chunk(ctx, chunk, grow)
+            lp, work = _run_chunk(ctx, chunk, grow, first_col if grow else 0)
         except RuntimeError as exc:
             if not grow:
                 raise
