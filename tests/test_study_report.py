@@ -149,3 +149,44 @@ def test_study_runs_unlearning_and_real_model_end_to_end(tiny_checkpoints, tmp_p
     text = md.read_text()
     assert "residual edit memory lowers ForgetLP" in text and "rewriting 2 capitals" in text
     assert (out / "stages" / "unlearning").is_dir() and list((out / "stages" / "unlearning").glob("*_pareto.png"))
+
+
+def test_cell_locks_share_a_folder_between_processes(tmp_path, monkeypatch) -> None:
+    """A cell locked by a live process is waited for, not recomputed; a dead owner's lock is taken over."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from dlmedit.study import runner
+
+    calls: list[int] = []
+
+    def fake_stage(ctx):
+        calls.append(ctx.seed)
+        return {"seed": ctx.seed}
+
+    monkeypatch.setitem(runner._STAGES, "fake", fake_stage)
+    monkeypatch.setattr(runner.CellLock, "poll_seconds", 0.05)
+    config = StudyConfig(models=["m"], seeds=[0, 1], stages=["fake"])
+    out = tmp_path / "study"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for seed, pid in ((0, os.getppid()), (1, dead.pid)):  # seed 0: a live owner; seed 1: a dead one
+        lock = runner.cell_path(out, "fake", "m", seed).with_suffix(".json.lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text(str(pid))
+    cell0 = runner.cell_path(out, "fake", "m", 0)
+
+    def other_process_finishes() -> None:
+        runner.atomic_write_json(cell0, {"stage": "fake", "model": "m", "seed": 0, "numbers": {"seed": "theirs"},
+                                         "wall_time_s": 1.0})
+        cell0.with_suffix(".json.lock").unlink()
+
+    timer = threading.Timer(0.3, other_process_finishes)
+    timer.start()
+    collected = run_study(config, out, log=lambda _m: None)
+    timer.join()
+    assert calls == [1]  # only the dead owner's cell was computed here
+    assert collected["results"]["fake"]["m"] == {"0": {"seed": "theirs"}, "1": {"seed": 1}}
+    assert not list(out.rglob("*.lock"))

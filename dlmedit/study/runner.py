@@ -3,7 +3,8 @@
 Why this shape: the cross-paradigm study is many independent measurements (trace a
 model, sweep a layer, edit a batch, unlearn a set) repeated over seeds.  Each
 (stage, model, seed) cell writes one JSON file atomically when it finishes, so an
-interrupted study resumes by skipping finished cells, and re-running with the same
+interrupted study resumes by skipping finished cells (and several processes can share one
+folder: a cell being computed is locked, see `CellLock`), and re-running with the same
 configuration reproduces ``summary.json`` exactly (timings are kept apart from the
 numbers for that reason).  Stages are plain functions registered by name.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -112,28 +114,110 @@ def run_study(config: StudyConfig, out: str | Path, log: Callable[[str], None] =
     if unknown:
         raise ValueError(f"unknown study stage(s) {unknown}; known: {stage_names()}")
     cells = [(n, m, s) for n in names for m in _models_for(n, config) for s in config.seeds]
+    shared_cache: dict[str, Any] = {}
+    done: dict[tuple[str, str, int], dict[str, Any]] = {}
+    waiting: list[tuple[str, str, int]] = []
+
+    def compute(name: str, model: str, seed: int) -> dict[str, Any]:
+        ctx = StageContext(config, model, seed, out / "stages" / name, log=log, cache=shared_cache)
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        numbers = _STAGES[name](ctx)
+        cell = {"stage": name, "model": model, "seed": seed, "numbers": numbers,
+                "wall_time_s": round(time.perf_counter() - start, 3)}
+        atomic_write_json(cell_path(out, name, model, seed), cell)
+        return cell
+
+    for i, key in enumerate(cells):
+        path = cell_path(out, *key)
+        if progress:
+            progress(f"{key[0]} · {key[1]} · seed {key[2]}", i, len(cells))
+        if path.exists():
+            done[key] = json.loads(path.read_text())
+            continue
+        with CellLock(path) as lock:
+            if lock.held:
+                done[key] = json.loads(path.read_text()) if path.exists() else compute(*key)
+            else:
+                waiting.append(key)  # another process is computing it; collect it at the end
+    for key in waiting:  # cells of other processes: wait for them, or take over from one that died
+        path = cell_path(out, *key)
+        while key not in done:
+            if path.exists():
+                done[key] = json.loads(path.read_text())
+                continue
+            with CellLock(path) as lock:
+                if lock.held:
+                    done[key] = json.loads(path.read_text()) if path.exists() else compute(*key)
+                    continue
+            if progress:
+                progress(f"waiting for {key[0]} · {key[1]} · seed {key[2]} (another process)", len(done), len(cells))
+            time.sleep(CellLock.poll_seconds)
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
-    shared_cache: dict[str, Any] = {}
-    for i, (name, model, seed) in enumerate(cells):
-        path = cell_path(out, name, model, seed)
-        if progress:
-            progress(f"{name} · {model} · seed {seed}", i, len(cells))
-        if path.exists():
-            cell = json.loads(path.read_text())
-        else:
-            ctx = StageContext(config, model, seed, out / "stages" / name, log=log, cache=shared_cache)
-            ctx.out_dir.mkdir(parents=True, exist_ok=True)
-            start = time.perf_counter()
-            numbers = _STAGES[name](ctx)
-            cell = {"stage": name, "model": model, "seed": seed, "numbers": numbers,
-                    "wall_time_s": round(time.perf_counter() - start, 3)}
-            atomic_write_json(path, cell)
-        results.setdefault(name, {}).setdefault(model, {})[str(seed)] = cell["numbers"]
-        timings[f"{name}|{model}|{seed}"] = cell["wall_time_s"]
+    for key in cells:
+        cell = done[key]
+        results.setdefault(key[0], {}).setdefault(key[1], {})[str(key[2])] = cell["numbers"]
+        timings[f"{key[0]}|{key[1]}|{key[2]}"] = cell["wall_time_s"]
     if progress:
         progress("done", len(cells), len(cells))
     return {"results": results, "timings": timings}
+
+
+class CellLock:
+    """``cell.json.lock`` while a process computes a cell, so several ``dlmedit study`` processes can
+    share one folder (e.g. one per CPU core) without computing a cell twice.
+
+    The lock appears atomically (a hard link) and holds the owner's pid; a lock whose
+    process no longer runs on this machine is stale and taken over.  ``held`` says
+    whether this process got it.
+    """
+
+    poll_seconds: float = 5.0
+
+    def __init__(self, cell: Path) -> None:
+        self.path = cell.with_name(cell.name + ".lock")
+        self.held = False
+
+    def __enter__(self) -> CellLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # the pid is written first and the lock appears by a hard link, so nobody reads a half-made lock
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(str(os.getpid()))
+        try:
+            for _ in range(2):
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    if self._owner_alive():
+                        return self
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                self.held = True
+                return self
+            return self
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _owner_alive(self) -> bool:
+        try:
+            pid = int(self.path.read_text().strip() or "0")
+        except (OSError, ValueError):
+            return False
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
 
 
 def _models_for(stage_name: str, config: StudyConfig) -> list[str]:
