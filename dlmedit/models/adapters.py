@@ -10,6 +10,7 @@ writing one adapter and registering it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -257,6 +258,18 @@ class ArchitectureAdapter:
         finally:
             prefix.restore()
         return out.logits if hasattr(out, "logits") else out[0]
+
+
+@functools.cache
+def cache_has_layers() -> bool:
+    """Whether this transformers' ``DynamicCache`` exposes per-layer ``keys``/``values`` (the prefix
+    reuse reads and restores them); older releases fall back to whole-row forwards."""
+    try:
+        from transformers import DynamicCache
+
+        return hasattr(DynamicCache(), "layers")
+    except Exception:  # any failure means: do not reuse columns
+        return False
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dlmedit.errors import EmptyTargetError, MaskTokenInPromptError, PromptTooLongError
-from dlmedit.models.adapters import ArchitectureAdapter, PrefixCache
+from dlmedit.models.adapters import ArchitectureAdapter, PrefixCache, cache_has_layers
 from dlmedit.paradigm.base import GenerationResult, Paradigm, ScoreResult
 
 
@@ -138,7 +138,7 @@ class LanguageModel:
     @property
     def prefix_reusable(self) -> bool:
         """True when earlier columns' states can be computed once and reused (causal attention + a cache)."""
-        return bool(self.paradigm.causal_attention and self.adapter.supports_prefix_cache)
+        return bool(self.paradigm.causal_attention and self.adapter.supports_prefix_cache and cache_has_layers())
 
     def run_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PrefixCache:
         """Keys/values of the first columns of a batch, for :meth:`logits_after` (causal models only)."""
