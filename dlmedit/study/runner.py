@@ -128,28 +128,26 @@ def run_study(config: StudyConfig, out: str | Path, log: Callable[[str], None] =
         atomic_write_json(cell_path(out, name, model, seed), cell)
         return cell
 
-    for i, key in enumerate(cells):
+    def try_cell(key: tuple[str, str, int]) -> bool:
+        """Load the cell, or compute it if no other process is at it; False if one is."""
         path = cell_path(out, *key)
+        if not path.exists():
+            with CellLock(path) as lock:
+                if not lock.held:
+                    return False
+                if not path.exists():
+                    done[key] = compute(*key)
+                    return True
+        done[key] = json.loads(path.read_text())
+        return True
+
+    for i, key in enumerate(cells):
         if progress:
             progress(f"{key[0]} · {key[1]} · seed {key[2]}", i, len(cells))
-        if path.exists():
-            done[key] = json.loads(path.read_text())
-            continue
-        with CellLock(path) as lock:
-            if lock.held:
-                done[key] = json.loads(path.read_text()) if path.exists() else compute(*key)
-            else:
-                waiting.append(key)  # another process is computing it; collect it at the end
+        if not try_cell(key):
+            waiting.append(key)  # another process is computing it; collect it at the end
     for key in waiting:  # cells of other processes: wait for them, or take over from one that died
-        path = cell_path(out, *key)
-        while key not in done:
-            if path.exists():
-                done[key] = json.loads(path.read_text())
-                continue
-            with CellLock(path) as lock:
-                if lock.held:
-                    done[key] = json.loads(path.read_text()) if path.exists() else compute(*key)
-                    continue
+        while not try_cell(key):
             if progress:
                 progress(f"waiting for {key[0]} · {key[1]} · seed {key[2]} (another process)", len(done), len(cells))
             time.sleep(CellLock.poll_seconds)
