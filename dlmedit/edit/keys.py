@@ -248,9 +248,12 @@ def mean_keys(
     n_states: int = 4,
     seed: int = 0,
     batch_size: int = 64,
-) -> torch.Tensor:
+    bare_site: tuple[int, str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[n, d_mlp]``: request i's ``mlp_key`` at ``layer`` at its keyed token, averaged over its
-    contexts × ``kind`` target states of the (unedited) model.
+    contexts × ``kind`` target states of the (unedited) model; and, if ``bare_site`` is given,
+    ``[n, D]``: that site in request i's first row (the bare prompt, all-masked / final
+    state — every kind starts there) — from the same forwards.
 
     Why states: ROME reads k* in the one state it fits the value on.  An MDM produces a
     multi-token answer through partially revealed states, and where the keyed token sits
@@ -261,7 +264,13 @@ def mean_keys(
     """
     generator = torch.Generator().manual_seed(seed)
     rows = build_state_rows(lm, contexts, kind, n_states, range(len(contexts)), generator)
-    keys = read_at_subject(lm, rows, [(layer, "mlp_key")], batch_size)[(layer, "mlp_key")]
+    sites = [(layer, "mlp_key"), *([bare_site] if bare_site is not None else [])]
+    got = read_at_subject(lm, rows, sites, batch_size)
+    keys = got[(layer, "mlp_key")]
     owners = torch.tensor([r.owner for r in rows])
     n = len(contexts)
-    return torch.zeros(n, keys.shape[1]).index_add_(0, owners, keys) / torch.bincount(owners, minlength=n).unsqueeze(1)
+    K = torch.zeros(n, keys.shape[1]).index_add_(0, owners, keys) / torch.bincount(owners, minlength=n).unsqueeze(1)
+    if bare_site is None:
+        return K, None
+    first = [[r.owner for r in rows].index(i) for i in range(n)]
+    return K, got[bare_site][first]

@@ -23,7 +23,7 @@ import torch
 from dlmedit.data.records import EditRequest
 from dlmedit.edit.delta import EditDelta, to_param_layout
 from dlmedit.edit.editor import register_editor
-from dlmedit.edit.keys import EditContext, KeyedState, mean_keys, read_at_subject
+from dlmedit.edit.keys import EditContext, mean_keys
 from dlmedit.edit.locate import LocateEditor, as_requests
 from dlmedit.edit.solves import memit_update, spread_residual
 from dlmedit.edit.values import optimise_values
@@ -45,26 +45,12 @@ def layer_keys_and_residual(
     lm: Any, contexts: Sequence[Sequence[EditContext]], layer: int, z_layer: int, batch_size: int = 64,
     key_states: str = "final", n_states: int = 4, seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K ``[d_mlp, n]`` (keys at ``layer`` averaged over each request's contexts) and the current
-    residual ``[n, d_model]`` at ``z_layer`` in each request's bare prompt — one batched read.
-
-    ``key_states`` other than ``final`` average the keys over those target states as well
-    (:func:`~dlmedit.edit.keys.mean_keys`); the residual is always the final state's."""
-    if key_states != "final":
-        K, h = layer_keys_and_residual(lm, contexts, layer, z_layer, batch_size)
-        return mean_keys(lm, contexts, layer, key_states, n_states, seed, batch_size).T.contiguous(), h
-    rows, owners = [], []
-    for i, ctxs in enumerate(contexts):
-        for c in ctxs:
-            rows.append(KeyedState(lm.paradigm.final_state(c.prompt_ids, c.target_ids), c.subject_index, i))
-            owners.append(i)
-    got = read_at_subject(lm, rows, [(layer, "mlp_key"), (z_layer, "resid")], batch_size)
-    keys, resid = got[(layer, "mlp_key")], got[(z_layer, "resid")]
-    owner_t = torch.tensor(owners)
-    n = len(contexts)
-    K = torch.zeros(n, keys.shape[1]).index_add_(0, owner_t, keys) / torch.bincount(owner_t, minlength=n).unsqueeze(1)
-    first = [owners.index(i) for i in range(n)]  # the bare prompt is each request's first context
-    return K.T.contiguous(), resid[first]
+    """K ``[d_mlp, n]`` (keys at ``layer`` averaged over each request's contexts × ``key_states``
+    target states, :func:`~dlmedit.edit.keys.mean_keys`) and the current residual ``[n, d_model]``
+    at ``z_layer`` in each request's bare prompt (final state) — one batched read."""
+    K, resid = mean_keys(lm, contexts, layer, key_states, n_states, seed, batch_size, bare_site=(z_layer, "resid"))
+    assert resid is not None
+    return K.T.contiguous(), resid
 
 
 @register_editor

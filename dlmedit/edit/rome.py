@@ -38,7 +38,7 @@ __all__ = ["ROMEEditor", "subject_key"]
 def subject_key(lm: Any, contexts: Sequence[Any], layer: int, batch_size: int = 64, key_states: str = "final",
                 n_states: int = 4, seed: int = 0) -> torch.Tensor:
     """k*: mean ``mlp_key`` at the keyed token over a request's contexts × ``key_states`` target states."""
-    return mean_keys(lm, [contexts], layer, key_states, n_states, seed, batch_size)[0]
+    return mean_keys(lm, [contexts], layer, key_states, n_states, seed, batch_size)[0][0]
 
 
 @register_editor

@@ -189,28 +189,38 @@ class ArchitectureAdapter:
         out = self.module(use_cache=False, **kwargs)
         return out.logits if hasattr(out, "logits") else out[0]
 
-    def forward_logits_cached(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Logits of unpadded rows and every layer's keys/values ``[B, heads, T, d]`` (causal models).
+    def forward_logits_cached(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Logits and every layer's keys/values ``[B, heads, T, d]`` (causal models).
 
-        Why: :meth:`forward_logits_after_columns` can then run only the later columns of rows
-        whose earlier columns are known to equal these (batched causal tracing).
+        Why: :meth:`forward_logits_with_past` can then run only later columns of rows whose
+        earlier columns are these (editing: the columns before the subject; batched causal
+        tracing: the columns before the restored one).
         """
         from transformers import DynamicCache
 
         if not self.supports_prefix_cache:
             raise NotImplementedError(f"{type(self).__name__} does not take a key/value cache")
         cache = DynamicCache()
-        out = self.module(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        kwargs: dict[str, Any] = {}
+        if attention_mask is not None:
+            kwargs = {"attention_mask": attention_mask,
+                      "position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
+        out = self.module(input_ids=input_ids, past_key_values=cache, use_cache=True, **kwargs)
         return (out.logits if hasattr(out, "logits") else out[0]), [(layer.keys, layer.values) for layer in cache.layers]
 
-    def forward_logits_after_columns(
-        self, input_ids: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]]
+    def forward_logits_with_past(
+        self, input_ids: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]],
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits of columns ``P:`` of unpadded rows given every layer's keys/values of columns ``:P``.
+        """Logits of the columns that follow ``past`` (every layer's keys/values of the first P columns).
 
-        ``past[j]`` may hold more rows than ``input_ids`` (rows added by hooks between layers:
-        batched tracing grows its batch mid-forward), so the causal mask is passed with a
-        batch dimension of one and broadcast.
+        ``attention_mask`` [B, P + S] covers left-padded rows (positions follow it).  Without
+        one the rows are unpadded and the causal mask is passed with a batch dimension of one,
+        so ``past[j]`` may hold more rows than ``input_ids`` (batched tracing grows its batch
+        mid-forward).  A fresh cache is built per call, so one ``past`` serves any number of
+        forwards, with or without autograd.
         """
         from transformers import DynamicCache
 
@@ -219,51 +229,37 @@ class ArchitectureAdapter:
             cache.update(keys, values, j)
         start = int(past[0][0].shape[-2])
         q = int(input_ids.shape[1])
-        cols = torch.arange(start + q, device=input_ids.device)
-        mask = (cols[None, :] <= (start + torch.arange(q, device=input_ids.device))[:, None])[None, None]
-        out = self.module(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        if attention_mask is not None:
+            kwargs: dict[str, Any] = {"attention_mask": attention_mask,
+                                      "position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]}
+        else:
+            cols = torch.arange(start + q, device=input_ids.device)
+            kwargs = {"attention_mask": (cols[None, :] <= (start + torch.arange(q, device=input_ids.device))[:, None])[None, None]}
+        out = self.module(input_ids=input_ids, past_key_values=cache, use_cache=True,
+                          cache_position=torch.arange(start, start + q, device=input_ids.device), **kwargs)
         return out.logits if hasattr(out, "logits") else out[0]
 
     def run_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PrefixCache:
-        """Run the first columns once (no grad) and keep every layer's keys and values for them."""
-        from transformers import DynamicCache
-
-        if not self.supports_prefix_cache:
-            raise NotImplementedError(f"{type(self).__name__} does not take a key/value cache")
-        cache = DynamicCache()
+        """Run the first columns of left-padded rows once (no grad) and keep their keys and values."""
         with torch.no_grad():
-            self.module(input_ids=input_ids, attention_mask=attention_mask,
-                        position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0),
-                        past_key_values=cache, use_cache=True)
-        return PrefixCache(cache, attention_mask, int(input_ids.shape[1]),
-                           [(layer.keys, layer.values) for layer in cache.layers])
+            _, past = self.forward_logits_cached(input_ids, attention_mask)
+        return PrefixCache(past, attention_mask)
 
     def forward_logits_after(
         self, prefix: PrefixCache, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """Logits [B, S, V] of the S columns that follow ``prefix`` (same rows, same left padding).
-
-        Only valid under causal attention, where earlier columns never see later ones; the
-        cache is cropped back afterwards, so one prefix serves any number of forwards
-        (also with autograd: the concatenated keys/values are fresh tensors each time).
-        """
+        Only valid under causal attention, where earlier columns never see later ones."""
         if input_ids.shape[0] != prefix.attention_mask.shape[0]:
             raise ValueError(f"prefix holds {prefix.attention_mask.shape[0]} rows, got {input_ids.shape[0]}")
         full_mask = torch.cat([prefix.attention_mask, attention_mask.to(prefix.attention_mask)], 1)
-        position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, prefix.length:]
-        cache_position = torch.arange(prefix.length, full_mask.shape[1], device=input_ids.device)
-        try:
-            out = self.module(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
-                              past_key_values=prefix.cache, cache_position=cache_position, use_cache=True)
-        finally:
-            prefix.restore()
-        return out.logits if hasattr(out, "logits") else out[0]
+        return self.forward_logits_with_past(input_ids, prefix.past, full_mask)
 
 
 @functools.cache
 def cache_has_layers() -> bool:
     """Whether this transformers' ``DynamicCache`` exposes per-layer ``keys``/``values`` (the prefix
-    reuse reads and restores them); older releases fall back to whole-row forwards."""
+    reuse reads them); older releases fall back to whole-row forwards."""
     try:
         from transformers import DynamicCache
 
@@ -274,18 +270,10 @@ def cache_has_layers() -> bool:
 
 @dataclass
 class PrefixCache:
-    """Keys/values of a batch's first ``length`` columns (see :meth:`ArchitectureAdapter.run_prefix`)."""
+    """Keys/values of a batch's first columns (see :meth:`ArchitectureAdapter.run_prefix`)."""
 
-    cache: Any
+    past: list[tuple[torch.Tensor, torch.Tensor]]
     attention_mask: torch.Tensor
-    length: int
-    #: each layer's original keys/values: a forward appends to the cache, and with autograd the appended
-    #: tensors belong to that forward's graph, so the cache is put back to these after every forward.
-    saved: list[tuple[torch.Tensor, torch.Tensor]]
-
-    def restore(self) -> None:
-        for layer, (keys, values) in zip(self.cache.layers, self.saved, strict=True):
-            layer.keys, layer.values = keys, values
 
 
 @register_adapter

@@ -301,7 +301,7 @@ def _run_chunk(ctx: _Context, rows: _Rows, grow: bool, start: int = 0) -> tuple[
             if past is None:
                 out = lm.logits(x, None)
             else:
-                out = lm.adapter.forward_logits_after_columns(x, past)
+                out = lm.adapter.forward_logits_with_past(x, past)
             from_hidden = False
         except _Stop as stop:
             out, from_hidden = stop.hidden, True
