@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -190,3 +191,49 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     hash_file_into(h, path)
     return h.hexdigest()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary directory next to ``path``; on success it replaces ``path`` whole.
+
+    For artefacts that are folders (a checkpoint, an adapter, a training state): a reader
+    — or a run resumed after ``kill -9`` — sees the old folder or the new one, never a
+    half-written one and never none.  An existing folder is swapped with the new one in
+    one atomic ``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere it is moved aside first
+    (two renames).  If the body raises, the temporary folder is removed and ``path`` is
+    untouched.
+    """
+    import shutil
+
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        yield tmp
+        if not dest.exists():
+            os.replace(tmp, dest)
+        elif not _exchange(tmp, dest):
+            aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}-old-", dir=dest.parent)) / dest.name
+            os.replace(dest, aside)
+            os.replace(tmp, dest)
+            shutil.rmtree(aside.parent, ignore_errors=True)
+    finally:
+        if tmp.exists():  # the body failed, or tmp now holds the replaced folder
+            shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(dest.parent)

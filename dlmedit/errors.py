@@ -45,3 +45,27 @@ class SubjectNotFoundError(DlmeditError, ValueError):
 
 class EstimatorError(DlmeditError, ValueError):
     """A likelihood estimator cannot be used for this input (e.g. `exact` on a multi-token target)."""
+
+
+class UsageError(DlmeditError, ValueError):
+    """A command-line option or API argument has a value that cannot work (names the option and the fix)."""
+
+
+class InvalidSettingError(DlmeditError, ValueError):
+    """A numeric setting is out of its range (e.g. the memory's q, λ or α)."""
+
+
+class InvalidTextError(DlmeditError, ValueError):
+    """A text input is empty or is not valid Unicode (e.g. bytes that are not UTF-8 on the command line)."""
+
+
+class OutputPathError(DlmeditError, OSError):
+    """An output path cannot be used: it is a file, lies under a file, or is not writable."""
+
+
+class CorruptCheckpointError(DlmeditError, ValueError):
+    """A checkpoint's weight file is truncated, garbage, or in a format dlmedit refuses to read (pickle)."""
+
+
+class OutputLockedError(DlmeditError, RuntimeError):
+    """Another process is writing the same output folder."""

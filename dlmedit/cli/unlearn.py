@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from dlmedit.cli.app import app, friendly_errors, seed_everything
+from dlmedit.cli.app import app, check_cli_inputs, friendly_errors, seed_everything, tokenizer_option
 
 _HEADLINE = (("forget_lp", "ForgetLP"), ("forget_lp_drop", "drop"), ("d_retain_lp", "ΔRetainLP"),
              ("d_utility_lp", "ΔUtilityLP"), ("forget_para_lp", "ParaLP"), ("forget_icl_lp", "ICL-LP"),
@@ -39,6 +38,9 @@ def _parse_floats(text: str, what: str) -> list[float]:
         raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
     if not values:
         raise typer.BadParameter(f"{what} is empty")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise typer.BadParameter(f"{what} must be finite numbers, got {bad[0]} in {text!r}")
     return values
 
 
@@ -84,12 +86,26 @@ def _print_table(title: str, rows: list[dict[str, Any]], label: str = "method") 
     console.print(table)
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    from dlmedit.unlearn.experiments import finite_or_none
+def _check_unlearn_options(*, out: str, save_memory: str | None, model: str, reference: str | None,
+                           tokenizer: str | None, specs: dict[str, str | None], memory: dict[str, Any],
+                           counts: dict[str, int | None], positive: dict[str, float], n_background: int) -> None:
+    """Everything about ``dlmedit unlearn``'s options that can be checked before the model loads."""
+    from dlmedit.checks import check_finite
+    from dlmedit.data.loaders import load_dataset
+    from dlmedit.unlearn.experiments import MemorySettings
 
-    with path.open("a", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(finite_or_none(row), default=str) + "\n")
+    check_cli_inputs(outs={"--out": out, "--save-memory": save_memory}, models=[model, reference],
+                     tokenizer=tokenizer, texts={name: spec for name, spec in specs.items() if spec})
+    MemorySettings(**memory)  # α, λ, q, gate, site, key statistics (q against the site's width once loaded)
+    for name, value in counts.items():
+        if value is not None:
+            check_finite(value, name, low=1, integer=True)
+    check_finite(n_background, "--n-background", low=0, integer=True)
+    for name, value in positive.items():
+        check_finite(value, name, low=0, low_open=True)
+    for spec in specs.values():  # dataset files are read now, so a bad file fails before the model loads
+        if spec and not spec.strip().lower().startswith("world"):
+            load_dataset(spec)
 
 
 @app.command("unlearn")
@@ -129,25 +145,27 @@ def unlearn_command(
     seed: int = typer.Option(0),
     world_seed: int = typer.Option(0, help="seed of the built-in world"),
     out: str = typer.Option(..., "--out", "-o", help="output directory"),
+    tokenizer: str = tokenizer_option(),
 ) -> None:
     """Unlearn a forget split with the residual edit memory or a baseline, and evaluate forget/retain."""
     from tqdm.auto import tqdm
 
     from dlmedit import load_model
     from dlmedit.unlearn import experiments as ex
-    from dlmedit.unlearn.baselines import TrainConfig
-    from dlmedit.unlearn.evaluate import EvalSets, evaluate_unlearning, forget_truth_ratios
+    from dlmedit.unlearn.session import append_rows, check_methods, prepare_unlearning, run_unlearning, save_results
 
-    methods = [m.strip() for m in method.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ex.METHODS]
-    if bad:
-        raise typer.BadParameter(f"unknown method(s) {bad}; use {', '.join(ex.METHODS)}")
+    methods = check_methods(method)
     if ablation is not None and ablation != "random-coordinate":
         raise typer.BadParameter("--ablation supports 'random-coordinate'")
     sweep_spec = _parse_sweep(sweep) if sweep else None
     counts = [int(c) for c in _parse_floats(scaling_counts, "--scaling")] if scaling_counts else None
-    if alpha <= 0:
-        raise typer.BadParameter(f"--alpha must be > 0, got {alpha}")
+    _check_unlearn_options(out=out, save_memory=save_memory, model=model, reference=reference, tokenizer=tokenizer,
+                           specs={"--forget": forget, "--retain": retain, "--utility": utility},
+                           memory={"layer": layer, "site": site, "alpha": alpha, "lam": lam, "q": q, "gate": gate,
+                                   "key_stats": key_stats, "n_states": n_states, "seed": seed},
+                           counts={"--n-retain": n_retain, "--batch-size": batch_size, "--steps": steps,
+                                   "--eval-every": eval_every, "--draws": draws, "--sequential": sequential_n},
+                           positive={"--epochs": epochs, "--lr": lr}, n_background=n_background)
 
     seed_everything(seed)
     out_dir = Path(out)
@@ -155,51 +173,24 @@ def unlearn_command(
     rows_path = out_dir / "rows.jsonl"
     rows_path.unlink(missing_ok=True)
     started = time.time()
-    lm = load_model(model)
-    sets = EvalSets.from_specs(forget, retain or None, utility or None, n_retain=n_retain, seed=seed,
-                               world_seed=world_seed)
-    background = [(it.prompt, it.answer) for it in sets.spare[:n_background]]
-    settings = ex.MemorySettings(layer=layer, site=site, alpha=alpha, lam=lam, q=q, gate=gate, key_stats=key_stats,
-                                 n_states=n_states, seed=seed,
-                                 coordinate_source="given" if layer is not None else "default")
-    results: dict[str, Any] = {"model": model, "model_fingerprint": lm.fingerprint(), "paradigm": lm.paradigm.describe(),
-                               "sets": {**sets.info, "n_forget": len(sets.forget), "n_utility": len(sets.utility)},
-                               "seed": seed, "load_avg_start": _loadavg()}
-    if trace and layer is None:
-        typer.echo("tracing forget facts to choose the memory coordinate …")
-        coord = ex.traced_coordinate(lm, sets.forget, seed=seed)
-        settings.layer, settings.site, settings.coordinate_source = coord["layer"], coord["site"], "trace"
-        results["trace"] = coord
-    settings = settings.resolved(lm)
-    results["memory_settings"] = asdict(settings)
-    n_steps = steps if steps is not None else max(1, math.ceil(epochs * len(sets.forget) / batch_size))
-    train_cfg = TrainConfig(steps=n_steps, lr=lr, batch_size=batch_size, seed=seed)
-    results["train_config"] = asdict(train_cfg)
+    lm = load_model(model, tokenizer=tokenizer)
+    setup = prepare_unlearning(
+        lm, model=model, forget=forget, retain=retain, utility=utility, n_retain=n_retain, alpha=alpha, lam=lam,
+        q=q, gate=gate, layer=layer, site=site, trace=trace, key_stats=key_stats, n_background=n_background,
+        n_states=n_states, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size, estimator=estimator,
+        reference=reference, generation=generation, seed=seed, world_seed=world_seed, log=typer.echo)
+    sets, settings, background, eval_kwargs, results = (setup.sets, setup.memory, setup.background,
+                                                        setup.eval_kwargs, setup.results)
+    with tqdm(total=len(methods), desc="methods", unit="method") as bar:
 
-    eval_kwargs: dict[str, Any] = {"estimator": estimator, "generation": generation}
-    if reference:
-        ref_lm = load_model(reference)
-        eval_kwargs["reference_ratios"] = forget_truth_ratios(ref_lm, sets.forget, estimator=estimator).tolist()
-        results["reference"] = reference
-        del ref_lm
-    typer.echo(f"{lm!r}: scoring the unedited model on {len(sets.forget)} forget / {len(sets.retain)} retain / "
-               f"{len(sets.utility)} utility facts …")
-    base = evaluate_unlearning(lm, sets, **eval_kwargs)
-    results["base"] = base
-    _write_jsonl(rows_path, [{"method": "base", **base}])
+        def on_row(row: dict[str, Any]) -> None:
+            append_rows(rows_path, [row])
+            if row["method"] != "base":
+                bar.update(1)
 
-    method_rows = []
-    bar = tqdm(methods, desc="methods", unit="method")
-    for m in bar:
-        bar.set_postfix_str(m)
-        row = ex.run_method(lm, m, sets, base, memory=settings, train=train_cfg, background=background,
-                            eval_kwargs=eval_kwargs)
-        method_rows.append(row)
-        _write_jsonl(rows_path, [row])
-        if m == "memory" and save_memory:
-            store, _ = ex.build_memory(lm, sets.forget, settings, background)
-            store.save(save_memory)
-    results["methods"] = method_rows
+        run_unlearning(setup, methods, save_memory=save_memory, log=typer.echo, on_row=on_row,
+                       on_method=bar.set_postfix_str)
+    base, method_rows = results["base"], results["methods"]
     _print_table(f"unlearning {forget} on {model} (base ForgetLP {base['forget_lp']:.2f}, "
                  f"RetainLP {base['retain_lp']:.2f} nats/answer)", [{"method": "base", **base}, *method_rows])
 
@@ -211,7 +202,7 @@ def unlearn_command(
         for r in sweep_rows:
             r["_label"] = f"{knob}={r['value']:g}"
         results[f"{knob}_sweep"] = sweep_rows
-        _write_jsonl(rows_path, [{"experiment": f"{knob}_sweep", **r} for r in sweep_rows])
+        append_rows(rows_path, [{"experiment": f"{knob}_sweep", **r} for r in sweep_rows])
         ex.plot_pareto(sweep_rows, base, out_dir / f"pareto_{knob}.png", others=method_rows)
         _print_table(f"{knob} sweep (memory)", sweep_rows, label=knob)
 
@@ -232,7 +223,7 @@ def unlearn_command(
             scale_rows = ex.scaling(lm, sets, pool, counts, memory=settings, background=background,
                                     eval_kwargs=eval_kwargs, seed=seed, progress=lambda _k, n: pbar.update(n))
         results["scaling"] = scale_rows
-        _write_jsonl(rows_path, [{"experiment": "scaling", **r} for r in scale_rows])
+        append_rows(rows_path, [{"experiment": "scaling", **r} for r in scale_rows])
         ex.plot_scaling(scale_rows, out_dir / "scaling.png")
         for r in scale_rows:
             typer.echo(f"scaling N={r['n_facts']}: fit {r['fit_time_s']:.2f}s ({r['per_fact_fit_s'] * 1e3:.1f} ms/fact), "
@@ -248,19 +239,9 @@ def unlearn_command(
             c = r["coordinate"]
             r["_label"] = f"{c['source']} L{c['layer']} {c['site']}"
         results["ablation_random_coordinate"] = abl
-        _write_jsonl(rows_path, [{"experiment": "random_coordinate", **r} for r in abl])
+        append_rows(rows_path, [{"experiment": "random_coordinate", **r} for r in abl])
         _print_table("random-coordinate ablation (same facts, α, λ, q)", abl, label="coordinate")
 
-    results["wall_time_s"] = time.time() - started
-    results["load_avg_end"] = _loadavg()
-    (out_dir / "results.json").write_text(json.dumps(ex.finite_or_none(results), indent=1, default=str))
+    save_results(out_dir, results, time.time() - started)
     typer.echo(f"wrote {out_dir / 'results.json'} and {rows_path}")
 
-
-def _loadavg() -> list[float] | None:
-    import os
-
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None

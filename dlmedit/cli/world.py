@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dlmedit.cli.app import app, echo_json, friendly_errors, seed_everything
+from dlmedit.cli.app import app, check_cli_inputs, echo_json, friendly_errors, seed_everything, tokenizer_option
 
 #: step counts of the shipped twins' recipes (see README)
 DEFAULT_STEPS = {"arm": 1200, "mdm": 9300, "dream": 1000}  # the shipped runs (see dlmedit/builtin/README.md)
@@ -25,6 +25,7 @@ def export_command(out: Path = typer.Option(..., "--out"), seed: int = typer.Opt
     """Write the world as CounterFact-format and TOFU-like JSON (plus templates)."""
     from dlmedit.data.world import build_world, export_world
 
+    check_cli_inputs(outs={"--out": out})
     paths = export_world(build_world(seed), out)
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
@@ -50,6 +51,13 @@ def train_command(
 
     from dlmedit.train.twins import TwinRecipe, train_twin
 
+    check_cli_inputs(outs={"--out": out})
+    if init_from is not None and not init_from.exists():
+        raise typer.BadParameter(f"--init-from {init_from} does not exist; give a trained twin's checkpoint folder")
+    for name, value in (("--steps", steps), ("--save-every", save_every), ("--eval-every", eval_every),
+                        ("--threads", threads)):
+        if value is not None and value < 1:
+            raise typer.BadParameter(f"{name} must be at least 1, got {value}")
     try:
         overrides = json.loads(recipe)
     except json.JSONDecodeError as exc:
@@ -76,6 +84,7 @@ def recall_command(
     seed: int = typer.Option(0, "--seed"),
     json_out: bool = typer.Option(False, "--json"),
     batch_size: int = typer.Option(256),
+    tokenizer: str = tokenizer_option(),
 ) -> None:
     """Exact-match recall of the world's facts by real generation, by length bucket and template kind.
 
@@ -86,8 +95,12 @@ def recall_command(
     from dlmedit.data.world import build_world
     from dlmedit.train.twins import recall_items, recall_lm
 
+    check_cli_inputs(models=[model], tokenizer=tokenizer)
+    for name, value in (("--limit", limit), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise typer.BadParameter(f"{name} must be at least 1, got {value}")
     seed_everything(seed)
-    lm = load_model(model)
+    lm = load_model(model, tokenizer=tokenizer)
     window = getattr(lm.paradigm, "answer_window", None) or getattr(lm.module.config, "dlmedit_answer_window", None) or 8
     items = recall_items(build_world(0), max_facts=limit, seed=seed)
     start = time.perf_counter()

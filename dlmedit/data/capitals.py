@@ -99,8 +99,11 @@ def capital_pairs(seed: int = 0, max_chars: int = MAX_CHARS) -> list[tuple[str, 
 
 
 def known_pairs(lm: LanguageModel, pairs: Sequence[tuple[str, str]], limit: int | None = None, *,
-                max_new_tokens: int = 4, batch_size: int = 16) -> list[tuple[str, str]]:
-    """The pairs whose generation after :data:`TEMPLATE` starts with the capital (in input order).
+                max_new_tokens: int = 4, batch_size: int = 16, template: str = TEMPLATE) -> list[tuple[str, str]]:
+    """The pairs whose generation after ``template`` (default :data:`TEMPLATE`) starts with the object (in input order).
+
+    ``template`` lets other relations of a country (``dlmedit.data.countries.RELATIONS``)
+    use the same known-fact rule as capitals.
 
     Generation is batched (``batch_size`` prompts per call) and stops once ``limit``
     pairs are known.  Each batch generates ``max_new_tokens`` tokens, or as many as the
@@ -111,7 +114,7 @@ def known_pairs(lm: LanguageModel, pairs: Sequence[tuple[str, str]], limit: int 
     known: list[tuple[str, str]] = []
     for start in range(0, len(pairs), batch_size):
         chunk = list(pairs[start : start + batch_size])
-        prompts = [TEMPLATE.format(name) for name, _ in chunk]
+        prompts = [template.format(name) for name, _ in chunk]
         n_tokens = max(max_new_tokens, *(len(lm.encode_target(p, c)) for p, (_, c) in zip(prompts, chunk, strict=True)))
         texts = lm.generate(prompts, n_tokens).texts
         for (name, capital), text in zip(chunk, texts, strict=True):
@@ -130,8 +133,15 @@ def capital_records(
     *,
     n_neighbours: int = 8,
     batch_size: int = 16,
+    template: str = TEMPLATE,
+    paraphrases: Sequence[str] = PARAPHRASES,
+    relation_id: str = RELATION_ID,
 ) -> list[EditRecord]:
     """``n`` CounterFact-style records rewriting a country's capital to another selected country's capital.
+
+    ``template`` / ``paraphrases`` / ``relation_id`` build the same records for another
+    relation of (country, object) pairs (e.g. demonyms), with the same rotation and
+    neighbourhood rules.
 
     The first ``n`` pairs (the first ``n`` known to ``known_by`` when given) are edited;
     ``target_new`` of record ``i`` is the true capital of record ``i + 1`` (rotating), so
@@ -148,7 +158,8 @@ def capital_records(
         raise ValueError(f"n_neighbours must be ≥ 0, got {n_neighbours}")
     n_pool = 2 * n_neighbours
     needed = n + n_pool
-    chosen = list(pairs) if known_by is None else known_pairs(known_by, pairs, needed, batch_size=batch_size)
+    chosen = (list(pairs) if known_by is None
+              else known_pairs(known_by, pairs, needed, batch_size=batch_size, template=template))
     if len(chosen) < needed:
         which = f"known to the model (of {len(pairs)} tried)" if known_by is not None else "given"
         raise ValueError(
@@ -162,9 +173,9 @@ def capital_records(
     for i, ((name, capital), new) in enumerate(zip(edited, new_targets, strict=True)):
         neighbours = rng.sample(pool, n_neighbours)
         records.append(EditRecord(
-            request=EditRequest(TEMPLATE, name, new, capital, case_id=i, relation_id=RELATION_ID),
-            paraphrase_prompts=tuple(p.format(name) for p in PARAPHRASES),
-            neighborhood=tuple(Probe(TEMPLATE.format(m), c) for m, c in neighbours),
+            request=EditRequest(template, name, new, capital, case_id=i, relation_id=relation_id),
+            paraphrase_prompts=tuple(p.format(name) for p in paraphrases),
+            neighborhood=tuple(Probe(template.format(m), c) for m, c in neighbours),
             true_answers=(capital,),
             source="countryinfo",
         ))

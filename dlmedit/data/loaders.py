@@ -101,41 +101,180 @@ _MAX_NEIGHBOURS = 10
 # ----------------------------------------------------------------------------- reading
 
 
+class _NonStandardConstant(ValueError):
+    """NaN / Infinity in a JSON file: Python's json accepts them, JSON (and every other reader) does not."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NonStandardConstant(name)
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_WS = " \t\n\r"
+
+
+def _check_path(path: str | Path) -> Path:
+    text = str(path)
+    if not text.strip():
+        raise DatasetNotFoundError("dataset file name is empty; give a path, e.g. 'counterfact:data/cf.json'")
+    if "\x00" in text:
+        raise DatasetError(f"dataset path {text!r} contains a NUL character")
+    p = Path(text).expanduser()
+    try:
+        exists, is_file = p.exists(), p.is_file()
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"dataset path {text!r} cannot be used: {exc}") from None
+    if not exists:
+        raise DatasetNotFoundError(f"dataset file not found: {p}")
+    if not is_file:
+        raise DatasetError(f"{p}: not a file")
+    return p
+
+
+def read_text(path: str | Path) -> str:
+    """A dataset file as text: UTF-8 (a leading BOM is accepted).
+
+    Anything else is a `DatasetError` naming the file, the line and the byte, with the fix
+    — never a bare ``UnicodeDecodeError``.
+    """
+    p = _check_path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{p}: cannot read the file ({exc.strerror or exc})") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DatasetError(f"{p}: line 1: the file is UTF-16 text; dlmedit reads UTF-8 — re-save it as UTF-8")
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DatasetError(
+            f"{p}: line {line}, byte {column}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); dlmedit reads UTF-8 "
+            "text — re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE)"
+        ) from None
+
+
+class _Where(str):
+    """A record's location as cited in messages ("record 3"), carrying its line in the file."""
+
+    line: int | None = None
+
+    def __new__(cls, text: str, line: int | None = None) -> _Where:
+        obj = super().__new__(cls, text)
+        obj.line = line
+        return obj
+
+
+def _at_line(where: str) -> str:
+    """`` (line 17)`` for a record of a JSON list, nothing for a JSONL line (it says its line already)."""
+    line = getattr(where, "line", None)
+    return f" (line {line})" if line is not None else ""
+
+
+class _LineCounter:
+    """Line numbers of increasing offsets into ``text`` in linear total time."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.pos, self.line = text, 0, 1
+
+    def __call__(self, offset: int) -> int:
+        if offset < self.pos:
+            self.pos, self.line = 0, 1
+        self.line += self.text.count("\n", self.pos, offset)
+        self.pos = offset
+        return self.line
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in _WS:
+        i += 1
+    return i
+
+
+def _decode_value(text: str, i: int, p: Path, where: str) -> tuple[Any, int]:
+    """One JSON value at ``text[i:]`` (strict: no NaN / Infinity); errors name file, line and column."""
+    try:
+        return _DECODER.raw_decode(text, i)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{p}: line {exc.lineno}, column {exc.colno}: invalid JSON in {where}: {exc.msg}") from None
+    except _NonStandardConstant as exc:
+        raise DatasetError(f"{p}: {where}{_at_line(where)}: {exc} is not valid JSON; write null or a finite number") from None
+    except RecursionError:
+        raise DatasetError(f"{p}: {where}{_at_line(where)}: JSON nested too deeply to read") from None
+
+
+def _json_list_rows(text: str, p: Path) -> list[tuple[str, Any]]:
+    """The elements of a JSON list, each located as "record N (line L)"."""
+    line_of = _LineCounter(text)
+    i = _skip_ws(text, text.index("[") + 1)
+    rows: list[tuple[str, Any]] = []
+    if i < len(text) and text[i] == "]":
+        i = _skip_ws(text, i + 1)
+    else:
+        while True:
+            where = _Where(f"record {len(rows)}", line_of(i))
+            if i >= len(text):
+                raise DatasetError(f"{p}: line {line_of(i)}: the JSON list ends early (missing ']'); the file "
+                                   "looks truncated")
+            obj, i = _decode_value(text, i, p, where)
+            rows.append((where, obj))
+            i = _skip_ws(text, i)
+            if i < len(text) and text[i] == ",":
+                i = _skip_ws(text, i + 1)
+                if i < len(text) and text[i] == "]":
+                    raise DatasetError(f"{p}: line {line_of(i)}: trailing comma before ']' (not valid JSON)")
+                continue
+            if i < len(text) and text[i] == "]":
+                i = _skip_ws(text, i + 1)
+                break
+            if i >= len(text):
+                raise DatasetError(f"{p}: line {line_of(i)}: the JSON list ends early (missing ']'); the file "
+                                   "looks truncated")
+            raise DatasetError(f"{p}: line {line_of(i)}: expected ',' or ']' after {where}, found {text[i]!r}")
+    if i < len(text):
+        raise DatasetError(f"{p}: line {line_of(i)}: extra data after the JSON list")
+    return rows
+
+
 def read_rows(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """Read a JSON list or JSONL file into (location, object) pairs.
 
-    The location ("record 3" / "line 4") is what error messages cite.
+    The location ("record 3 (line 17)" / "line 4") is what error messages cite.  The file
+    must be UTF-8 JSON (NaN / Infinity are refused: they are not JSON); every problem is
+    a `DatasetError` naming the file and the line.
     """
-    p = Path(path)
-    if not p.exists():
-        raise DatasetNotFoundError(f"dataset file not found: {p}")
-    if not p.is_file():
-        raise DatasetError(f"{p}: not a file")
-    text = p.read_text(encoding="utf-8")
+    p = _check_path(path)
+    text = read_text(p)
     stripped = text.lstrip()
     rows: list[tuple[str, Any]] = []
     if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{p}: invalid JSON: {exc}") from exc
-        rows = [(f"record {i}", row) for i, row in enumerate(data)]
+        rows = _json_list_rows(text, p)
     else:
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                rows.append((f"line {lineno}", json.loads(line)))
+                row, end = _DECODER.raw_decode(line, _skip_ws(line, 0))
+                if line[end:].strip():
+                    raise json.JSONDecodeError("extra data after the JSON value", line, end)
             except json.JSONDecodeError as exc:
                 hint = ""
                 if lineno == 1 and stripped.startswith("{"):
                     hint = " (expected a JSON list of records or one JSON object per line)"
-                raise DatasetError(f"{p}: line {lineno}: invalid JSON{hint}: {exc}") from exc
+                raise DatasetError(f"{p}: line {lineno}: invalid JSON{hint}: {exc}") from None
+            except _NonStandardConstant as exc:
+                raise DatasetError(f"{p}: line {lineno}: {exc} is not valid JSON; write null or a finite number") from None
+            except RecursionError:
+                raise DatasetError(f"{p}: line {lineno}: JSON nested too deeply to read") from None
+            rows.append((f"line {lineno}", row))
     if not rows:
         raise DatasetError(f"{p}: dataset is empty")
     for where, row in rows:
         if not isinstance(row, dict):
-            raise DatasetError(f"{p}: {where}: expected a JSON object, got {type(row).__name__}")
+            raise DatasetError(f"{p}: {where}: expected a JSON object, got {type(row).__name__}{_at_line(where)}")
     return rows
 
 
@@ -171,10 +310,11 @@ def _check_format(rows: Sequence[tuple[str, Mapping[str, Any]]], expected: str, 
     keys = ", ".join(sorted(first)[:8])
     if found is None:
         raise DatasetError(
-            f"{origin}: {where}: not a {expected} record (keys: {keys}); see dlmedit.data.loaders for the accepted shape"
+            f"{origin}: {where}{_at_line(where)}: not a {expected} record (keys: {keys}); see dlmedit.data.loaders for "
+            "the accepted shape"
         )
     raise DatasetError(
-        f"{origin}: {where}: this looks like a {found} file, not {expected} (keys: {keys}); "
+        f"{origin}: {where}{_at_line(where)}: this looks like a {found} file, not {expected} (keys: {keys}); "
         f"load it as '{found}:{origin}'"
     )
 
@@ -189,7 +329,7 @@ def _parse_all(
         try:
             out.append(parse(index, row))
         except (_RecordProblem, InvalidRecordError) as exc:
-            raise DatasetError(f"{origin}: {where}: {exc}") from exc
+            raise DatasetError(f"{origin}: {where}: {exc}{_at_line(where)}") from exc
     return out
 
 
@@ -545,10 +685,10 @@ def load_kamel(
 
 
 def _read_templates(path: Path) -> dict[str, list[str]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: invalid JSON: {exc}") from exc
+    text = read_text(path)
+    data, end = _decode_value(text, _skip_ws(text, 0), path, "templates")
+    if text[end:].strip():
+        raise DatasetError(f"{path}: extra data after the JSON object")
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected an object mapping relation -> list of templates")
     out = {}

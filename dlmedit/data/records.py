@@ -47,6 +47,13 @@ def _require_text(value: object, what: str) -> str:
         raise InvalidRecordError(f"{what} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise InvalidRecordError(f"{what} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: non-UTF-8 bytes on a command line, or "\ud800" in JSON
+        raise InvalidRecordError(
+            f"{what} is not valid Unicode text (unpaired surrogate at character {exc.start}: "
+            f"{value[max(0, exc.start - 10):exc.start + 10]!r}); give it as UTF-8"
+        ) from None
     return value
 
 

@@ -201,6 +201,16 @@ class LocateEditor(Editor):
         param, transposed = self.lm.adapter.down_weight(layer)
         return param, transposed, self.lm.adapter.parameter_name(param)
 
+    def record_routing(self, delta: EditDelta, layer: int, keys: torch.Tensor, first: int = 0) -> None:
+        """In a sparse-MoE layer, note in ``delta.extra["routing"]`` which experts each key
+        (``[d]`` or ``[d, n]``, one column per request) routes to — the update acts there.
+        Nothing is recorded for dense MLPs (the adapter returns ``None``)."""
+        columns = keys.unsqueeze(1) if keys.dim() == 1 else keys
+        for j in range(columns.shape[1]):
+            info = self.lm.adapter.key_routing(layer, columns[:, j])
+            if info is not None:
+                delta.extra.setdefault("routing", []).append({"layer": int(layer), "request": first + j, **info})
+
     @contextmanager
     def applied_while_computing(self) -> Iterator[Callable[[dict[str, torch.Tensor]], None]]:
         """Yields ``push(deltas)``: applies partial updates now, reverts them all bit-exactly on exit.

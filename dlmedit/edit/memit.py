@@ -112,6 +112,7 @@ class MEMITEditor(LocateEditor):
                 delta.add_matrix(pname, update, transposed=transposed)
                 push({pname: to_param_layout(update, transposed)})
                 used_keys[layer] = K
+                self.record_routing(delta, layer, K)
                 self.last_solves.append({"layer": layer, "param": pname, "K": K, "R": R, "update": update})
                 if progress is not None:
                     progress(f"layer {layer}: residual {residual_norms[-1]:.4f}, ‖Δ‖ {float(update.norm()):.4f}")

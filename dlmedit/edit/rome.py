@@ -66,6 +66,7 @@ class ROMEEditor(LocateEditor):
                 contexts = self.contexts([request])
                 k_star = subject_key(self.lm, contexts[0], layer, settings.batch_size, self.hparams["key_states"],
                                      settings.n_states, self.seed).double()
+                self.record_routing(delta, layer, k_star, first=i)
                 u = C_inv @ k_star if C_inv is not None else k_star
                 injection = RankOneInjection(u.float().unsqueeze(0), k_star.float().unsqueeze(0))
                 result = optimise_values(self.lm, contexts, [request.subject], settings, injection,

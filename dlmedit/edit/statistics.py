@@ -198,8 +198,8 @@ def collect_key_moments(
     layers = sorted({lm.adapter.check_layer(i) for i in layers})
     if not layers:
         raise ValueError("no layers requested")
-    d = lm.adapter.d_mlp
-    acc = BlockSymmetricAccumulator({str(i): d for i in layers}, blocks=blocks, product_dtype=torch.float32)
+    acc = BlockSymmetricAccumulator({str(i): lm.adapter.key_width(i) for i in layers}, blocks=blocks,
+                                    product_dtype=torch.float32)
     deepest = layers[-1]
     current: dict[str, torch.Tensor] = {}
 
@@ -242,7 +242,7 @@ def _cache_key(lm: LanguageModel, fingerprint: str, layer: int, corpus: Corpus, 
         "kind": "mlp_key_second_moment",
         "model": fingerprint,
         "layer": int(layer),
-        "d": int(lm.adapter.d_mlp),
+        "d": int(lm.adapter.key_width(layer)),
         "corpus": corpus.hash,
         "n_tokens": settings.n_tokens,
         "max_length": settings.max_length,
@@ -276,7 +276,7 @@ def key_second_moments(
     if corpus is None:
         spec = default_corpus_spec(lm) if settings.corpus == "auto" else settings.corpus
         corpus = load_corpus(spec, seed=settings.corpus_seed)
-    d = lm.adapter.d_mlp
+    d = max(lm.adapter.key_width(layer) for layer in layers)
     if settings.n_tokens < d:
         raise StatisticsError(
             f"n_tokens={settings.n_tokens} is below the key dimension {d}: the second moment would be singular. "
@@ -296,7 +296,7 @@ def key_second_moments(
         try:
             found[layer] = load_or_compute_stats(
                 _cache_key(lm, fingerprint, layer, corpus, settings), not_cached,
-                directory=cache_directory, expected_shapes={"C": (d, d)},
+                directory=cache_directory, expected_shapes={"C": (lm.adapter.key_width(layer),) * 2},
             )["C"]
         except _NotCached:
             missing.append(layer)
@@ -317,7 +317,7 @@ def key_second_moments(
             if use_cache:
                 C = load_or_compute_stats(
                     _cache_key(lm, fingerprint, layer, corpus, settings), lambda C=C: {"C": C},
-                    directory=cache_directory, expected_shapes={"C": (d, d)}, refresh=True,
+                    directory=cache_directory, expected_shapes={"C": (lm.adapter.key_width(layer),) * 2}, refresh=True,
                 )["C"]
             found[layer] = C
     if info is not None:

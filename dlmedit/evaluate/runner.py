@@ -38,6 +38,12 @@ Files in ``OUT``:
                    ``replay(requests, delta)`` when they define it, otherwise by recomputing
                    each replayed edit on the same weights (its result is discarded and the
                    saved delta applied).  ``deltas/batch`` holds the batch protocol's delta.
+``results.jsonl.lock``  present while a process runs into ``OUT`` (the study's cell lock:
+                   a hard-linked file holding the pid, taken over when that process is gone).
+                   A second process on the same ``OUT`` waits for it and then resumes (every
+                   record it finished is skipped), or stops at once with ``wait=False``
+                   (CLI ``--no-wait``) — so rows are never written twice and a live writer's
+                   unfinished last line is never cut.
 ``summary.json``   means with 95 % bootstrap intervals (seeded) overall and per target
                    length bucket for every metric (pre, post, change), Score, timings,
                    and the sequential curve.
@@ -68,7 +74,7 @@ import numpy as np
 import torch
 
 from dlmedit.cache import atomic_write_json
-from dlmedit.errors import DlmeditError
+from dlmedit.errors import DlmeditError, OutputLockedError
 from dlmedit.evaluate.measure import (
     METRICS,
     EvalConfigError,
@@ -98,6 +104,7 @@ __all__ = [
     "ResultsFileError",
     "ResultsLog",
     "RunConfigMismatchError",
+    "out_lock",
     "preflight",
     "print_summary",
     "run_evaluation",
@@ -198,6 +205,68 @@ def _config_identity(config: EvalConfig, n_records: int) -> dict[str, Any]:
     if config.lengths:
         identity["lengths"] = sorted(config.lengths)
     return _canonical(identity)
+
+
+# ----------------------------------------------------------------------------- lock of OUT
+
+#: output folders this process holds the lock of (resolved path → nesting depth), so that the
+#: CLI can take the lock before loading the model and `run_evaluation` can take it again
+_HELD_OUTS: dict[Path, int] = {}
+
+
+def _lock_owner(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+@contextlib.contextmanager
+def out_lock(
+    out: str | os.PathLike[str],
+    *,
+    wait: bool = True,
+    log: Callable[[str], None] | None = None,
+    poll_seconds: float | None = None,
+) -> Iterator[None]:
+    """Hold ``OUT/results.jsonl.lock`` (the study's `CellLock`) while evaluating into ``out``.
+
+    Another live process holding it: wait until it is released (``wait=True``; ``log`` is
+    told once), or raise `OutputLockedError` naming the folder and that process.  A lock
+    left by a process that died is taken over.  Re-entrant within one process.
+    """
+    from dlmedit.study.runner import CellLock  # the one lock of the project (study cells use it too)
+
+    key = Path(out).expanduser().resolve()
+    if key in _HELD_OUTS:
+        _HELD_OUTS[key] += 1
+        try:
+            yield
+        finally:
+            _HELD_OUTS[key] -= 1
+        return
+    lock = CellLock(key / RESULTS_FILE)
+    told = False
+    while True:
+        lock.__enter__()
+        if lock.held:
+            break
+        owner = _lock_owner(lock.path)
+        if not wait:
+            raise OutputLockedError(
+                f"{out} is being written by another dlmedit process (pid {owner}, lock {lock.path}); wait for it "
+                "to finish (or run again without --no-wait to wait), or choose another --out"
+            )
+        if log is not None and not told:
+            log(f"{out} is being written by another process (pid {owner}); waiting for it to finish, then resuming …")
+            told = True
+        time.sleep(CellLock.poll_seconds if poll_seconds is None else poll_seconds)
+    _HELD_OUTS[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD_OUTS[key]
+        lock.__exit__()
 
 
 # ----------------------------------------------------------------------------- results file
@@ -685,8 +754,12 @@ def run_evaluation(
     progress: bool = False,
     console: Any = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    wait: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) an evaluation into ``out`` and return the summary (also in ``summary.json``).
+
+    ``out`` is locked for the run (see `out_lock`): if another process is writing it, this
+    one waits and then resumes (``wait=True``) or raises `OutputLockedError`.
 
     ``editor`` defaults to ``get_editor(config.method, lm, config.seed, **config.editor_hparams())``.
     ``on_row`` is called after each row is durably written (tests inject interruptions
@@ -732,32 +805,33 @@ def run_evaluation(
         "answer_window": answer_window_of(lm),
         "chunk_size": config.chunk_size,
     }
-    _prepare_out(out_path, identity, run_info, overwrite)
-    log = ResultsLog(out_path / RESULTS_FILE)
-    rows = [r for r in log.read() if r.get("protocol") == config.protocol]
-    weights_before = weights_fingerprint(lm.module)
-    with _Progress(progress) as bar:
-        run = _Run(lm, records, config, out_path, editor, log, bar, on_row, rows)
-        getattr(run, config.protocol)()
-    if weights_fingerprint(lm.module) != weights_before:
-        raise RevertError("the model's weights differ from before the run although every edit was reverted")
-    summary = summarize_rows(run.rows, seed=config.seed)
-    summary["protocol"] = config.protocol
-    summary["protocol_note"] = {
-        "single": "each record edited alone on the unedited model and measured right after (EasyEdit style)",
-        "batch": "one edit of all records, every record measured after the whole batch (ROME/MEMIT style)",
-        "sequential": "records edited one after another; per-record metrics after the last edit; curve every "
-                      f"{config.every_for(len(records))} edits",
-    }[config.protocol]
-    summary["config"] = {"model": config.model, **identity}
-    summary["timings"] = _timings(run.rows, time.perf_counter() - t_start)
-    summary["estimators"] = _estimator_counts(run.rows)
-    summary["generation_modes"] = sorted({r.get("post_detail", {}).get("generation", {}).get("mode")
-                                          for r in run.rows if r.get("kind") == "record"} - {None})
-    if config.protocol == "sequential":
-        summary["curve"] = sorted(({"n_edits": r["n_edits"], "means": r["means"]} for r in run.rows
-                                   if r.get("kind") == "curve"), key=lambda c: c["n_edits"])
-    atomic_write_json(out_path / SUMMARY_FILE, _clean(summary))
+    with out_lock(out_path, wait=wait):  # one writer per OUT: no duplicated rows, no cut lines
+        _prepare_out(out_path, identity, run_info, overwrite)
+        log = ResultsLog(out_path / RESULTS_FILE)
+        rows = [r for r in log.read() if r.get("protocol") == config.protocol]
+        weights_before = weights_fingerprint(lm.module)
+        with _Progress(progress) as bar:
+            run = _Run(lm, records, config, out_path, editor, log, bar, on_row, rows)
+            getattr(run, config.protocol)()
+        if weights_fingerprint(lm.module) != weights_before:
+            raise RevertError("the model's weights differ from before the run although every edit was reverted")
+        summary = summarize_rows(run.rows, seed=config.seed)
+        summary["protocol"] = config.protocol
+        summary["protocol_note"] = {
+            "single": "each record edited alone on the unedited model and measured right after (EasyEdit style)",
+            "batch": "one edit of all records, every record measured after the whole batch (ROME/MEMIT style)",
+            "sequential": "records edited one after another; per-record metrics after the last edit; curve every "
+                          f"{config.every_for(len(records))} edits",
+        }[config.protocol]
+        summary["config"] = {"model": config.model, **identity}
+        summary["timings"] = _timings(run.rows, time.perf_counter() - t_start)
+        summary["estimators"] = _estimator_counts(run.rows)
+        summary["generation_modes"] = sorted({r.get("post_detail", {}).get("generation", {}).get("mode")
+                                              for r in run.rows if r.get("kind") == "record"} - {None})
+        if config.protocol == "sequential":
+            summary["curve"] = sorted(({"n_edits": r["n_edits"], "means": r["means"]} for r in run.rows
+                                       if r.get("kind") == "curve"), key=lambda c: c["n_edits"])
+        atomic_write_json(out_path / SUMMARY_FILE, _clean(summary))
     if console is not None:
         print_summary(summary, console)
     return summary

@@ -49,7 +49,7 @@ import torch
 
 from dlmedit.cache import atomic_save_safetensors, atomic_write_json, sha256_file
 from dlmedit.edit.errors import ModelMismatchError
-from dlmedit.errors import DlmeditError
+from dlmedit.errors import DlmeditError, InvalidSettingError
 from dlmedit.interventions import Intervention, intervene
 from dlmedit.memory.ridge import IncrementalRidge, ridge_solve
 from dlmedit.memory.sparsify import check_q, sparsify
@@ -88,7 +88,7 @@ def default_layer(n_layers: int) -> int:
 
 def _check_alpha(alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"α must be a finite number > 0 (the memory's write strength), got {alpha!r}")
+        raise InvalidSettingError(f"α (--alpha) must be a finite number > 0 (the memory's write strength), got {alpha!r}")
     return float(alpha)
 
 
@@ -96,7 +96,8 @@ def _check_gate(gate: float | None) -> float | None:
     if gate is None:
         return None
     if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not math.isfinite(gate) or not -1 < gate < 1:
-        raise ValueError(f"gate must be a cosine threshold in (-1, 1) or None (no gate), got {gate!r}")
+        raise InvalidSettingError(
+            f"gate (--gate) must be a cosine threshold in (-1, 1) or None (no gate), got {gate!r}")
     return float(gate)
 
 
@@ -166,7 +167,7 @@ class ResidualMemory:
         fingerprint: str | None = None,
     ) -> None:
         if site not in SITES:
-            raise ValueError(f"unknown site {site!r}; expected one of {', '.join(SITES)}")
+            raise InvalidSettingError(f"unknown site {site!r} (--site); expected one of {', '.join(SITES)}")
         self.lm = lm
         self.layer = lm.adapter.check_layer(default_layer(lm.n_layers) if layer is None else layer)
         self.site = site

@@ -31,6 +31,7 @@ import torch
 
 from dlmedit.edit.errors import StatisticsError
 from dlmedit.edit.solves import memit_update
+from dlmedit.errors import InvalidSettingError
 
 __all__ = ["IncrementalRidge", "SingularKeysError", "ridge_solve"]
 
@@ -49,7 +50,7 @@ def _singular_message(n: int, d: int) -> str:
 
 def _check_lam(lam: float) -> float:
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"λ must be a finite number ≥ 0, got {lam!r}")
+        raise InvalidSettingError(f"λ (--lambda) must be a finite number ≥ 0 (the ridge regulariser), got {lam!r}")
     return float(lam)
 
 

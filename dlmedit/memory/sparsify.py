@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from dlmedit.errors import InvalidSettingError
+
 __all__ = ["check_q", "sparsify", "sparsify_mask"]
 
 
@@ -26,9 +28,10 @@ def check_q(q: int | None, width: int) -> int:
     if isinstance(q, bool) or not isinstance(q, int):
         raise TypeError(f"q must be an integer number of coordinates, got {type(q).__name__}")
     if q < 1:
-        raise ValueError(f"q must be at least 1 (coordinates kept per position), got {q}")
+        raise InvalidSettingError(f"q (--q) must be at least 1 (coordinates kept per position), got {q}")
     if q > width:
-        raise ValueError(f"q = {q} is larger than the width of the site ({width} coordinates); use q ≤ {width}")
+        raise InvalidSettingError(
+            f"q (--q) = {q} is larger than the width of the site ({width} coordinates); use q ≤ {width}")
     return q
 
 

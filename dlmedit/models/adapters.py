@@ -148,6 +148,16 @@ class ArchitectureAdapter:
         """The down projection's weight and whether it is stored transposed ([d_in, d_out])."""
         return self.mlp_down(i).weight, self.down_weight_transposed
 
+    def key_width(self, i: int) -> int:
+        """Width of layer ``i``'s ``mlp_key`` (layers may differ: an MoE model's dense layers)."""
+        w, transposed = self.down_weight(self.check_layer(i))
+        return int(w.shape[0] if transposed else w.shape[1])
+
+    def key_routing(self, layer: int, key: torch.Tensor) -> dict[str, Any] | None:
+        """For a sparse-MoE layer: which experts a key vector of that layer's edit site touches
+        (recorded in an edit's delta); ``None`` for dense MLPs."""
+        return None
+
     def parameter_name(self, param: nn.Parameter) -> str:
         """Fully qualified name of ``param`` inside the model (for EditDelta)."""
         for name, candidate in self.module.named_parameters():
@@ -207,7 +217,7 @@ class ArchitectureAdapter:
         if attention_mask is not None:
             kwargs = {"attention_mask": attention_mask,
                       "position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
-        out = self.module(input_ids=input_ids, past_key_values=cache, use_cache=True, **kwargs)
+        out = self.module(input_ids=input_ids, use_cache=True, **{cache_keyword(self.module): cache}, **kwargs)
         return (out.logits if hasattr(out, "logits") else out[0]), [(layer.keys, layer.values) for layer in cache.layers]
 
     def forward_logits_with_past(
@@ -235,7 +245,7 @@ class ArchitectureAdapter:
         else:
             cols = torch.arange(start + q, device=input_ids.device)
             kwargs = {"attention_mask": (cols[None, :] <= (start + torch.arange(q, device=input_ids.device))[:, None])[None, None]}
-        out = self.module(input_ids=input_ids, past_key_values=cache, use_cache=True,
+        out = self.module(input_ids=input_ids, use_cache=True, **{cache_keyword(self.module): cache},
                           cache_position=torch.arange(start, start + q, device=input_ids.device), **kwargs)
         return out.logits if hasattr(out, "logits") else out[0]
 
@@ -257,6 +267,27 @@ class ArchitectureAdapter:
 
 
 @functools.cache
+def cache_keyword(module: nn.Module) -> str:
+    """The forward keyword that takes a key/value cache: ``cache`` (transformers ≥ 5.24) or ``past_key_values``.
+
+    Why ask the signature: transformers renamed the keyword and deprecates the old one with
+    a ``FutureWarning`` (removal planned for 5.40), while the releases we support down to
+    4.56 only know ``past_key_values``; asking the module's own forward serves both.
+    """
+    return _cache_keyword_of(type(module))
+
+
+@functools.cache
+def _cache_keyword_of(cls: type) -> str:
+    import inspect
+
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def cache_has_layers() -> bool:
     """Whether this transformers' ``DynamicCache`` exposes per-layer ``keys``/``values`` (the prefix
     reuse reads them); older releases fall back to whole-row forwards."""
@@ -405,3 +436,56 @@ class LLaDARemoteAdapter(ArchitectureAdapter):
         else:
             out = self.module(input_ids, **kwargs)
         return out.logits if hasattr(out, "logits") else out[0]
+
+
+@register_adapter
+class LLaDAMoEAdapter(LlamaAdapter):
+    """LLaDA-MoE loaded onto :class:`~dlmedit.models.lladamoe.LLaDAMoEForMaskedDiffusion`.
+
+    What each site means in a sparse-MoE layer:
+
+    * ``mlp_out`` — the whole MLP output (routed experts + shared expert), i.e. what the
+      layer's MLP adds to the residual stream: what causal tracing restores.
+    * ``mlp_key`` / ``mlp_down`` — the ROME/MEMIT key/value site is the routed experts'
+      down projections taken together: the key is every expert's activation scaled by its
+      routing weight, concatenated (zero blocks for experts the token is not routed to),
+      and the matrix is the experts' down projections side by side, ``experts_down``.
+      Routed output = ``experts_down(key)`` exactly, so the editors' equations
+      ``(W + ΔW) k* = v*`` hold for the MoE output unchanged; the router reads the layer
+      input, which the edit cannot move.  :meth:`key_routing` names the experts a key uses.
+    * ``resid`` / ``attn_out`` — as in any Llama-style tree (the edit memory uses ``resid``).
+
+    Dense layers (``moe_layer_freq`` 0) keep an ordinary ``down_proj`` with its own width,
+    so key widths can differ between layers (:meth:`key_width`).
+    """
+
+    family = "llada-moe"
+    model_types = ("lladamoe",)
+    module_classes = ("LLaDAMoEForMaskedDiffusion",)
+
+    def _is_moe(self, i: int) -> bool:
+        return hasattr(self.layers()[i].mlp, "experts_down")
+
+    def mlp_down(self, i: int) -> nn.Module:
+        mlp = self.layers()[i].mlp
+        return mlp.experts_down if self._is_moe(i) else mlp.down_proj
+
+    def site_module(self, layer: int, site: str) -> tuple[nn.Module, str]:
+        if site == "mlp_out":
+            return self.layers()[self.check_layer(layer)].mlp, "output"
+        return super().site_module(layer, site)
+
+    @property
+    def d_mlp(self) -> int:
+        return max(self.key_width(i) for i in range(self.n_layers))
+
+    def key_routing(self, layer: int, key: torch.Tensor) -> dict[str, Any] | None:
+        i = self.check_layer(layer)
+        if not self._is_moe(i):
+            return None
+        mlp = self.layers()[i].mlp
+        norms = mlp.expert_blocks(key.detach().float().cpu()).norm(dim=-1)
+        used = [int(e) for e in torch.nonzero(norms > 0).flatten()]
+        return {"site": "routed experts' down projections (concatenated)", "num_experts": mlp.num_experts,
+                "top_k": mlp.top_k, "expert_width": mlp.width, "experts": used,
+                "key_block_norms": {str(e): float(norms[e]) for e in used}}

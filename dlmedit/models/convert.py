@@ -122,3 +122,25 @@ def read_config(path: Path) -> dict[str, Any]:
         return json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointNotFoundError(f"{config_file} is not valid JSON: {exc}") from exc
+
+
+#: Top-level key prefixes of multimodal parts a MMaDA checkpoint may carry next to its text
+#: backbone; text-only use drops them (the image tokenizer, MAGVIT-v2, is a separate model).
+MMADA_VISION_PREFIXES = ("vision_tower.", "vision_model.", "mm_projector.", "vq_model.", "model.vision_tower.",
+                         "model.mm_projector.")
+
+
+def mmada_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MMaDA (Gen-Verse/MMaDA, ``model_type: "mmada"``, ``MMadaModelLM``) is LLaDA's module tree
+    (``model.transformer.*``) with the embedding and head grown to ``new_vocab_size`` for image
+    tokens.  Why keep those rows: the published forward normalises over them too, so keeping
+    them keeps the text logits identical to it; a text prompt never contains image ids.
+    Vision-side weights, if any are bundled, are dropped (and logged); anything else unknown
+    is an error, as for LLaDA."""
+    import logging
+
+    dropped = [k for k in tensors if k.startswith(MMADA_VISION_PREFIXES)]
+    if dropped:
+        logging.getLogger(__name__).info("MMaDA: ignoring %d vision weights (text-only use), e.g. %s",
+                                         len(dropped), dropped[0])
+    return llada_state_dict({k: v for k, v in tensors.items() if not k.startswith(MMADA_VISION_PREFIXES)})

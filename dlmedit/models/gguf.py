@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from dlmedit.errors import MissingPackageError
@@ -58,15 +56,21 @@ def smollm2_checkpoint() -> Path:
         delattr(config, "quantization_config")
     model = type(gguf_model)(config)
     model.load_state_dict(gguf_model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+    from dlmedit.cache import atomic_dir
+
+    with atomic_dir(target) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+SMOLLM2_DREAM_ADAPTER = Path(__file__).resolve().parent.parent / "builtin" / "smollm2-dream"
+
+
+def smollm2_dream_checkpoint() -> Path:
+    """Path of SmolLM2 + the shipped masked-diffusion adapter, merged on first use (cached by content hash)."""
+    from dlmedit.adapt.artifact import merged_checkpoint
+
+    if not (SMOLLM2_DREAM_ADAPTER / "adapter_model.safetensors").is_file():
+        raise MissingPackageError(f"the smollm2-dream adapter is missing from {SMOLLM2_DREAM_ADAPTER} (broken install?)")
+    return merged_checkpoint(SMOLLM2_DREAM_ADAPTER, smollm2_checkpoint(), cache_root() / "models")

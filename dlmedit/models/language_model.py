@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dlmedit.checks import check_text
 from dlmedit.errors import EmptyTargetError, MaskTokenInPromptError, PromptTooLongError
 from dlmedit.models.adapters import ArchitectureAdapter, PrefixCache, cache_has_layers
 from dlmedit.paradigm.base import GenerationResult, Paradigm, ScoreResult
@@ -85,6 +86,7 @@ class LanguageModel:
         """Token ids of a prompt, with BOS if the model expects it; rejects mask tokens and over-long prompts."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        check_text(prompt, "prompt", allow_empty=True)  # non-UTF-8 input (lone surrogates) fails here, by name
         ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         bos = self.tokenizer.bos_token_id
         if self.prepend_bos and bos is not None and (not ids or ids[0] != bos):
@@ -101,6 +103,7 @@ class LanguageModel:
         """Target token ids as they appear after the prompt (a leading space is added when needed)."""
         if not isinstance(target, str) or not target.strip():
             raise EmptyTargetError(f"target {target!r} is empty")
+        check_text(target, "target")
         text = target if (target[:1].isspace() or prompt[-1:].isspace() or not prompt) else " " + target
         full = list(self.tokenizer(prompt + text, add_special_tokens=False)["input_ids"])
         head = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])

@@ -1,9 +1,13 @@
 """Turn the study's collected numbers into summary.json and the HTML/Markdown report.
 
 Statements in the report are generated from the numbers (nothing is written in
-advance); each cites the quantity it is computed from.  Numbers over seeds are
-reported as mean with a 95 % interval (t-interval over seeds; a single seed gives
-no interval and says so).
+advance); each cites the quantity it is computed from, with its 95 % interval and n,
+and names a direction only when the intervals do not overlap (the wording helpers of
+`dlmedit.evaluate.stats`).  Per-fact numbers (edit metrics, traced effects, unlearning
+deltas per answer) pool the facts of every seed into one interval (n = facts): Wilson for
+0/1 values such as exact match, a seeded percentile bootstrap otherwise.  Numbers with one
+value per seed (peak layers, sweeps, curves) get a t-interval over seeds (n = seeds; a
+single seed gives no interval and says so).
 """
 
 from __future__ import annotations
@@ -16,6 +20,15 @@ from typing import Any
 import numpy as np
 
 from dlmedit.cache import atomic_write_json
+from dlmedit.evaluate.stats import (
+    bootstrap_ratio_ci,
+    change_phrase,
+    compare_phrase,
+    estimate_text,
+    pooled_ci,
+    sign_phrase,
+    top_phrase,
+)
 from dlmedit.report.render import Report
 
 BUCKETS = ("1", "2", "3", "4+")
@@ -25,14 +38,24 @@ def over_seeds(values: list[float | None]) -> dict[str, Any]:
     """Mean and 95 % t-interval over seeds (None values are skipped)."""
     vals = [float(v) for v in values if v is not None and math.isfinite(v)]
     if not vals:
-        return {"mean": None, "low": None, "high": None, "n": 0}
+        return {"mean": None, "low": None, "high": None, "n": 0, "unit": "seeds"}
     mean = float(np.mean(vals))
     if len(vals) < 2:
-        return {"mean": mean, "low": None, "high": None, "n": 1}
+        return {"mean": mean, "low": None, "high": None, "n": 1, "unit": "seeds"}
     from scipy import stats
 
     half = float(stats.t.ppf(0.975, len(vals) - 1) * np.std(vals, ddof=1) / math.sqrt(len(vals)))
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(vals)}
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(vals), "unit": "seeds"}
+
+
+def per_fact(nodes: list[Any], means: list[float | None], unit: str = "facts") -> dict[str, Any]:
+    """Pool per-fact values over seeds into one bootstrap interval (n = facts) when every seed's node has
+    ``values``; otherwise (cells written before values were kept) fall back to the t-interval over seeds."""
+    if nodes and all(isinstance(n, dict) and "values" in n for n in nodes):
+        return pooled_ci([n["values"] for n in nodes], unit=unit)
+    if nodes and all(isinstance(n, list) for n in nodes):
+        return pooled_ci(nodes, unit=unit)
+    return over_seeds(means)
 
 
 def fmt(entry: dict[str, Any] | float | None) -> str:
@@ -41,9 +64,10 @@ def fmt(entry: dict[str, Any] | float | None) -> str:
     if isinstance(entry, dict):
         if entry.get("mean") is None:
             return "–"
+        n = f" (n={entry['n']})" if entry.get("n") is not None else ""
         if entry.get("low") is None:
-            return f"{entry['mean']:.3f}"
-        return f"{entry['mean']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+            return f"{entry['mean']:.3f}{n}"
+        return f"{entry['mean']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]{n}"
     return f"{entry:.3f}"
 
 
@@ -63,13 +87,17 @@ def build_summary(collected: dict[str, Any], config: dict[str, Any]) -> dict[str
             layers = [c["peak"][site]["layer"] for c in cells if c.get("peak") and site in c["peak"]]
             cats = [c["peak"][site]["category"] for c in cells if c.get("peak") and site in c["peak"]]
             if layers:
-                entry[site] = {"peak_layer": over_seeds(layers), "peak_category": max(set(cats), key=cats.count),
-                               "peak_effect": over_seeds([c["peak"][site]["effect"] for c in cells])}
+                entry[site] = {"peak_layer": over_seeds(layers), "peak_category": _mode(cats),
+                               "peak_effect": per_fact([(c.get("peak_effect") or {}).get(site) for c in cells],
+                                                       [c["peak"][site]["effect"] for c in cells])}
         temporal = [c["temporal"]["peak"] for c in cells if c.get("temporal") and c["temporal"].get("peak")]
         if temporal:
             entry["temporal"] = {"layer": over_seeds([t["layer"] for t in temporal]),
                                  "step": over_seeds([t["step"] for t in temporal]),
-                                 "site": max({t["site"] for t in temporal}, key=[t["site"] for t in temporal].count)}
+                                 "site": _mode([t["site"] for t in temporal]),
+                                 "effect": per_fact([c["temporal"].get("peak_effect") for c in cells
+                                                     if c.get("temporal") and c["temporal"].get("peak")],
+                                                    [t["effect"] for t in temporal])}
         entry["n_facts"] = sum(c.get("n_facts", 0) for c in cells)
         summary["trace"][model] = entry
     for model in results.get("layer_sweep", {}):
@@ -77,7 +105,8 @@ def build_summary(collected: dict[str, Any], config: dict[str, Any]) -> dict[str
         n_rows = len(cells[0]["rows"]) if cells else 0
         summary["layer_sweep"][model] = [
             {"layer": cells[0]["rows"][i]["layer"],
-             **{m: over_seeds([c["rows"][i][m] for c in cells]) for m in ("ES", "GenEM", "NS")}}
+             **{m: per_fact([(c["rows"][i].get("values") or {}).get(m) if "values" in c["rows"][i] else None
+                             for c in cells], [c["rows"][i][m] for c in cells]) for m in ("ES", "GenEM", "NS")}}
             for i in range(n_rows)
         ]
     for model in results.get("edits", {}):
@@ -85,9 +114,12 @@ def build_summary(collected: dict[str, Any], config: dict[str, Any]) -> dict[str
         runs: dict[str, Any] = {}
         for run in cells[0]["runs"] if cells else []:
             entry = {}
+            per = [c["runs"].get(run) or {} for c in cells]
             for metric in ("ES", "PS", "NS", "GenEM", "Score"):
-                entry[metric] = {g: over_seeds([((c["runs"].get(run) or {}).get(metric) or {}).get(g) for c in cells])
-                                 for g in ("all", *BUCKETS)}
+                entry[metric] = {
+                    g: per_fact([(r["values"].get(metric) or {}).get(g, []) if metric in r.get("values", {}) else None
+                                 for r in per], [(r.get(metric) or {}).get(g) for r in per])
+                    for g in ("all", *BUCKETS)}
             runs[run] = entry
         summary["edits"][model] = runs
     for model in results.get("diagnosis", {}):
@@ -95,17 +127,21 @@ def build_summary(collected: dict[str, Any], config: dict[str, Any]) -> dict[str
         by: dict[str, Any] = {}
         for states in cells[0]["by_states"] if cells else []:
             steps = max(len(c["by_states"][states]["trajectory_step_prob"]) for c in cells)
+            with_step = [[c["by_states"][states] for c in cells
+                          if s < len(c["by_states"][states]["trajectory_step_prob"])] for s in range(steps)]
             by[states] = {
-                "trajectory_step_prob": [over_seeds([c["by_states"][states]["trajectory_step_prob"][s]
-                                                     for c in cells if s < len(c["by_states"][states]["trajectory_step_prob"])])
-                                         for s in range(steps)],
+                "trajectory_step_prob": [
+                    per_fact([b["trajectory_step_values"][s] if "trajectory_step_values" in b else None for b in bs],
+                             [b["trajectory_step_prob"][s] for b in bs])
+                    for s, bs in enumerate(with_step)],
                 "partial_prob": over_seeds([c["by_states"][states]["partial_prob"] for c in cells]),
             }
         summary["diagnosis"][model] = by
     for model in results.get("unlearning", {}):
         summary["unlearning"][model] = summarize_unlearning(_seeds(results, "unlearning", model))
-    for model in results.get("real_model", {}):
-        summary["real_model"][model] = summarize_real_model(_seeds(results, "real_model", model))
+    from dlmedit.study.real_pair import summarize_real_pair  # the real-model section's own module
+
+    summary["real_model"] = summarize_real_pair(results.get("real_model", {}))
     return summary
 
 
@@ -113,7 +149,6 @@ def build_summary(collected: dict[str, Any], config: dict[str, Any]) -> dict[str
 UNLEARN_DELTAS = ("forget_lp_drop", "d_retain_lp", "d_utility_lp", "d_model_utility", "d_forget_para_lp",
                   "d_forget_icl_lp")
 UNLEARN_LEVELS = ("forget_lp", "retain_lp", "utility_lp", "model_utility")
-REAL_METRICS = ("ES", "PS", "NS", "GenEM")
 #: the selectivity statement only compares methods that forget at least this much (nats per answer):
 #: a ratio over a near-zero drop is noise.
 MIN_DROP = 0.1
@@ -141,6 +176,19 @@ def summarize_unlearning(cells: list[dict[str, Any]]) -> dict[str, Any]:
     for method in cells[0].get("methods", {}):
         rows = [(c.get("methods") or {}).get(method) or {} for c in cells]
         entry["methods"][method] = {k: over_seeds([r.get(k) for r in rows]) for k in UNLEARN_DELTAS}
+        for k in ("forget_lp_drop", "d_retain_lp"):  # per answer, pooled over seeds, where the cells kept them
+            entry["methods"][method][k] = per_fact([(r.get("per_answer") or {}).get(k) for r in rows],
+                                                   [r.get(k) for r in rows], unit="answers")
+        # RetainLP change per nat of ForgetLP removed: a ratio of per-answer means with a bootstrap interval, or
+        # (cells without per-answer values) the per-seed ratios with a t-interval over seeds
+        answers = [r.get("per_answer") or {} for r in rows]
+        if all("forget_lp_drop" in a and "d_retain_lp" in a for a in answers):
+            ratio = bootstrap_ratio_ci([v for a in answers for v in a["d_retain_lp"]["values"]],
+                                       [v for a in answers for v in a["forget_lp_drop"]["values"]], unit="answers")
+        else:
+            ratio = over_seeds([r["d_retain_lp"] / r["forget_lp_drop"] if r.get("forget_lp_drop") and
+                                r.get("d_retain_lp") is not None else None for r in rows])
+        entry["methods"][method]["retain_per_drop"] = ratio
     sweeps = [c["alpha_sweep"] for c in cells if c.get("alpha_sweep")]
     if sweeps:
         entry["alpha_sweep"] = [
@@ -171,71 +219,50 @@ def summarize_unlearning(cells: list[dict[str, Any]]) -> dict[str, Any]:
     return entry
 
 
-def summarize_real_model(cells: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-seed real-model cells → trace peaks and ROME/MEMIT means over seeds (seconds per edit left out)."""
-    if not cells:
-        return {}
-    traces = [c.get("trace") or {} for c in cells]
-    trace: dict[str, Any] = {"n_facts": sum(t.get("n_facts", 0) for t in traces),
-                             "n_correct": sum(t.get("n_correct", 0) for t in traces)}
-    sites = [s for s in ("resid", "mlp_out", "attn_out") if any(s in (t.get("peak") or {}) for t in traces)]
-    for site in sites:
-        peaks = [t["peak"][site] for t in traces if site in (t.get("peak") or {})]
-        trace[site] = {"peak_layer": over_seeds([p.get("layer") for p in peaks]),
-                       "peak_category": _mode([p.get("category") for p in peaks]),
-                       "peak_effect": over_seeds([p.get("effect") for p in peaks])}
-    last = [t["mlp_last_subject"] for t in traces if t.get("mlp_last_subject")]
-    if last:
-        trace["mlp_last_subject"] = {"layer": over_seeds([x["layer"] for x in last]),
-                                     "effect": over_seeds([x["effect"] for x in last])}
-    runs: dict[str, Any] = {}
-    for run in cells[0].get("runs", {}):
-        per = [(c.get("runs") or {}).get(run) or {} for c in cells]
-        runs[run] = {m: over_seeds([r.get(m) for r in per]) for m in REAL_METRICS}
-        runs[run]["pre"] = {m: over_seeds([(r.get("pre") or {}).get(m) for r in per]) for m in REAL_METRICS}
-    return {"n_facts": sum(c.get("n_facts", 0) for c in cells),
-            "known_only": all(c.get("known_only") for c in cells), "trace": trace, "runs": runs}
-
-
 def _num(x: float) -> str:
     """A layer/step mean over seeds: an integer when the seeds agree, else one decimal."""
     return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
 
 
 def statements(summary: dict[str, Any]) -> list[str]:
-    """Sentences generated from the numbers."""
+    """Sentences generated from the numbers: each gives its estimates with 95 % intervals and n, and names a
+    direction only when the intervals do not overlap (else "no measurable difference (n = …)")."""
     out: list[str] = []
     for model, entry in summary["trace"].items():
         mlp = entry.get("mlp_out")
         if mlp and mlp["peak_layer"]["mean"] is not None:
-            out.append(f"{model}: the MLP indirect effect peaks at layer {_num(mlp['peak_layer']['mean'])} "
-                       f"({mlp['peak_category']}), effect {fmt(mlp['peak_effect'])}.")
+            out.append(f"{model}: the MLP indirect effect peaks at layer {estimate_text(mlp['peak_layer'], 1)} "
+                       f"({mlp['peak_category']}), effect {estimate_text(mlp['peak_effect'], 3)}.")
         if entry.get("temporal"):
             t = entry["temporal"]
-            out.append(f"{model}: the temporal indirect effect peaks at layer {_num(t['layer']['mean'])}, "
-                       f"denoising step {_num(t['step']['mean'])} ({t['site']}).")
+            out.append(f"{model}: the temporal indirect effect peaks at layer {estimate_text(t['layer'], 1)}, "
+                       f"denoising step {estimate_text(t['step'], 1)} ({t['site']}), effect "
+                       f"{estimate_text(t.get('effect'), 3)}.")
     for model, runs in summary["edits"].items():
         rome = runs.get("rome/final", {}).get("GenEM", {})
-        one, multi = rome.get("1", {}).get("mean"), rome.get("4+", {}).get("mean")
-        if one is not None and multi is not None:
-            out.append(f"{model}: ROME exact match by generation drops from {one:.2f} (1-token targets) to "
-                       f"{multi:.2f} (4+ tokens) with final-state fitting.")
+        one, multi = rome.get("1"), rome.get("4+")
+        if _m(one) is not None and _m(multi) is not None:
+            out.append(change_phrase(one, multi, what=f"{model}: ROME exact match by generation (final-state fitting)",
+                                     before_label="1-token targets", after_label="4+-token targets") + ".")
         for corrected in ("partial", "trajectory"):
-            fixed = runs.get(f"rome/{corrected}", {}).get("GenEM", {}).get("4+", {}).get("mean")
-            if fixed is not None and multi is not None:
-                verb = "raises" if fixed > multi else "does not raise" if fixed == multi else "lowers"
-                out.append(f"{model}: fitting on {corrected} states {verb} 4+-token exact match "
-                           f"({multi:.2f} → {fixed:.2f}).")
+            fixed = runs.get(f"rome/{corrected}", {}).get("GenEM", {}).get("4+")
+            if _m(fixed) is not None and _m(multi) is not None:
+                out.append(compare_phrase(fixed, multi, what=f"{model}: ROME 4+-token exact match by generation",
+                                          a_label=f"fitting on {corrected} states",
+                                          b_label="final-state fitting") + ".")
     for model, by in summary["diagnosis"].items():
         final = by.get("final")
         if final and final["trajectory_step_prob"]:
-            first, last = final["trajectory_step_prob"][0]["mean"], final["trajectory_step_prob"][-1]["mean"]
-            if first is not None and last is not None:
-                out.append(f"{model}: after a final-state ROME edit, the probability of the still-masked new-target "
-                           f"tokens moves from {first:.2f} at the all-masked state to {last:.2f} at the last step of "
-                           "the model's own denoising path.")
+            first, last = final["trajectory_step_prob"][0], final["trajectory_step_prob"][-1]
+            if _m(first) is not None and _m(last) is not None:
+                out.append(change_phrase(first, last, what=f"{model}: after a final-state ROME edit, the probability "
+                                                          "of the still-masked new-target tokens",
+                                         before_label="the all-masked state",
+                                         after_label="the last step of the model's own denoising path") + ".")
     out.extend(unlearning_statements(summary.get("unlearning", {})))
-    out.extend(real_model_statements(summary.get("real_model", {})))
+    from dlmedit.study.real_pair import real_pair_statements
+
+    out.extend(real_pair_statements(summary.get("real_model", {})))
     return out
 
 
@@ -243,79 +270,55 @@ def _m(entry: dict[str, Any] | None) -> float | None:
     return (entry or {}).get("mean")
 
 
-def _signed(value: float | None) -> str:
-    return "–" if value is None else f"{value:+.2f}"
-
-
 def unlearning_statements(unlearning: dict[str, Any]) -> list[str]:
-    """Sentences on the edit memory vs the baselines, computed from the aggregated deltas."""
+    """Sentences on the edit memory vs the baselines, computed from the aggregated deltas (nats per answer)."""
     out: list[str] = []
     for model, entry in unlearning.items():
         methods = entry.get("methods") or {}
-        drops = {m: _m(v.get("forget_lp_drop")) for m, v in methods.items()}
-        retain = {m: _m(v.get("d_retain_lp")) for m, v in methods.items()}
         n = _m(entry.get("n_forget"))
         facts = f"{n:.0f} facts of {entry.get('split')}" if n is not None else str(entry.get("split"))
-        if drops.get("memory") is not None:
-            text = (f"{model}: unlearning {facts}, the residual edit memory lowers ForgetLP by "
-                    f"{drops['memory']:.2f} nats/answer with a RetainLP change of {_signed(retain['memory'])}")
-            baselines = {m: d for m, d in drops.items() if m != "memory" and d is not None}
+        memory = methods.get("memory") or {}
+        if _m(memory.get("forget_lp_drop")) is not None:
+            text = (f"{model}: unlearning {facts}, "
+                    + sign_phrase(memory["forget_lp_drop"], what="the residual edit memory",
+                                  positive="lowers ForgetLP by", negative="raises ForgetLP by")
+                    + f" nats/answer, RetainLP change {estimate_text(memory.get('d_retain_lp'))}")
+            baselines = {m: v.get("forget_lp_drop") for m, v in methods.items()
+                         if m != "memory" and _m(v.get("forget_lp_drop")) is not None}
             if baselines:
-                best = max(baselines, key=lambda m: (baselines[m], m))
-                text += (f"; the largest baseline drop is {best}'s {baselines[best]:.2f} (RetainLP change "
-                         f"{_signed(retain[best])}; training baselines ran {entry.get('train_steps')} steps)")
+                text += ("; " + top_phrase(baselines, what="the largest baseline ForgetLP drop")
+                         + f" (training baselines ran {entry.get('train_steps')} steps)")
             out.append(text + ".")
-        cost = {m: retain[m] / drops[m] for m in drops
-                if drops[m] is not None and drops[m] >= MIN_DROP and retain.get(m) is not None}
+        cost = {m: v["retain_per_drop"] for m, v in methods.items()
+                if _m(v.get("forget_lp_drop")) is not None and _m(v.get("forget_lp_drop")) >= MIN_DROP
+                and _m(v.get("retain_per_drop")) is not None}
         if len(cost) >= 2:
-            best = max(cost, key=lambda m: (cost[m], m))
             out.append(f"{model}: RetainLP change per nat of ForgetLP removed, over methods removing ≥ {MIN_DROP:.2f} "
-                       "nats/answer: " + ", ".join(f"{m} {v:+.3f}" for m, v in sorted(cost.items()))
-                       + f"; the least damaging is {best}.")
+                       "nats/answer: " + ", ".join(f"{m} {estimate_text(c, 3)}" for m, c in sorted(cost.items()))
+                       + "; " + top_phrase(cost, what="the least damaging (largest value)", digits=3) + ".")
         sweep = entry.get("alpha_sweep") or []
         if len(sweep) >= 2 and _m(sweep[0]["forget_lp_drop"]) is not None and _m(sweep[-1]["forget_lp_drop"]) is not None:
             lo, hi = sweep[0], sweep[-1]
-            verb = "grows" if _m(hi["forget_lp_drop"]) > _m(lo["forget_lp_drop"]) else "does not grow"
-            out.append(f"{model}: the memory's ForgetLP drop {verb} from {_m(lo['forget_lp_drop']):.2f} at α={lo['alpha']:g} "
-                       f"to {_m(hi['forget_lp_drop']):.2f} at α={hi['alpha']:g}, while the RetainLP change goes from "
-                       f"{_signed(_m(lo['d_retain_lp']))} to {_signed(_m(hi['d_retain_lp']))}.")
+            out.append(change_phrase(lo["forget_lp_drop"], hi["forget_lp_drop"],
+                                     what=f"{model}: the memory's ForgetLP drop", before_label=f"α={lo['alpha']:g}",
+                                     after_label=f"α={hi['alpha']:g}", up="grows", down="shrinks")
+                       + "; " + change_phrase(lo["d_retain_lp"], hi["d_retain_lp"], what="its RetainLP change",
+                                              before_label=f"α={lo['alpha']:g}", after_label=f"α={hi['alpha']:g}",
+                                              up="rises", down="falls") + ".")
         curve = (entry.get("sequential") or {}).get("curve") or []
         if curve and _m(curve[-1]["forget_lp_drop_inserted"]) is not None:
             last = curve[-1]
-            out.append(f"{model}: after {last['n_inserted']} one-at-a-time insertions the inserted facts' ForgetLP "
-                       f"has dropped by {_m(last['forget_lp_drop_inserted']):.2f} nats/answer and RetainLP changed by "
-                       f"{_signed(_m(last['d_retain_lp']))}.")
+            out.append(f"{model}: after {last['n_inserted']} one-at-a-time insertions, "
+                       + sign_phrase(last["forget_lp_drop_inserted"], what="the inserted facts' ForgetLP",
+                                     positive="has dropped by", negative="has risen by")
+                       + f" nats/answer, RetainLP change {estimate_text(last['d_retain_lp'])}.")
         abl = entry.get("ablation")
         if abl and _m(abl["configured"]["forget_lp_drop"]) is not None and _m(abl["random"]["forget_lp_drop"]) is not None:
-            conf, rand = _m(abl["configured"]["forget_lp_drop"]), _m(abl["random"]["forget_lp_drop"])
-            rel = "larger than" if conf > rand else "smaller than" if conf < rand else "equal to"
-            out.append(f"{model}: at the configured coordinate ({entry.get('memory_coordinate')}) the memory's ForgetLP "
-                       f"drop ({conf:.2f}) is {rel} its mean over {abl['n_random']} random coordinates ({rand:.2f}).")
-    return out
-
-
-def real_model_statements(real: dict[str, Any]) -> list[str]:
-    """Sentences on where a real model keeps capital facts and how well ROME / MEMIT rewrite them."""
-    out: list[str] = []
-    for model, entry in real.items():
-        trace = entry.get("trace") or {}
-        kind = "known " if entry.get("known_only") else ""
-        mlp = trace.get("mlp_out")
-        if mlp and _m(mlp["peak_layer"]) is not None:
-            text = (f"{model}: over {trace.get('n_facts')} {kind}capital facts the MLP indirect effect peaks at layer "
-                    f"{_m(mlp['peak_layer']):.1f} ({mlp['peak_category']}, effect {fmt(mlp['peak_effect'])})")
-            last = trace.get("mlp_last_subject")
-            if last and _m(last["layer"]) is not None:
-                text += (f"; at the last subject token it peaks at layer {_m(last['layer']):.1f} "
-                         f"(effect {fmt(last['effect'])})")
-            out.append(text + ".")
-        parts = []
-        for run, metrics in (entry.get("runs") or {}).items():
-            vals = ", ".join(f"{k} {_m(metrics.get(k)):.2f}" for k in REAL_METRICS if _m(metrics.get(k)) is not None)
-            if vals:
-                parts.append(f"{run}: {vals}")
-        if parts:
-            out.append(f"{model}: rewriting {entry.get('n_facts')} {kind}capitals — " + "; ".join(parts) + ".")
+            out.append(compare_phrase(abl["configured"]["forget_lp_drop"], abl["random"]["forget_lp_drop"],
+                                      what=f"{model}: the memory's ForgetLP drop",
+                                      a_label=f"the configured coordinate ({entry.get('memory_coordinate')})",
+                                      b_label=f"the mean over {abl['n_random']} random coordinates",
+                                      higher="larger", lower="smaller") + ".")
     return out
 
 
@@ -351,8 +354,9 @@ def _unlearning_section(report: Report, summary: dict[str, Any], collected: dict
                          "Δmodel utility": fmt(v["d_model_utility"]), "ΔParaLP": fmt(v["d_forget_para_lp"]),
                          "fit s": fmt(_cell_mean(collected, "unlearning", model, "methods", method, "fit_time_s")),
                          "wall s": fmt(_cell_mean(collected, "unlearning", model, "methods", method, "wall_time_s"))})
-    sec.table(rows, caption="change from the unedited model in nats per answer (mean [95% CI] over seeds; ForgetLP "
-                            "drop > 0 = forgotten, Δ < 0 = damaged); times are per-cell wall clock, mean over seeds, "
+    sec.table(rows, caption="change from the unedited model in nats per answer, mean [95% CI] (n): ForgetLP drop and "
+                            "ΔRetainLP bootstrap over the answers of every seed (n = answers), the other columns "
+                            "t-interval over seeds (n = seeds); ForgetLP drop > 0 = forgotten, Δ < 0 = damaged; times are per-cell wall clock, mean over seeds, "
                             "kept out of summary.json")
     base_rows = [{"model": model, "split": e.get("split"), "forget facts": f"{_m(e.get('n_forget')) or 0:.0f}",
                   "memory coordinate": e.get("memory_coordinate"), "training steps": e.get("train_steps"),
@@ -383,31 +387,6 @@ def _unlearning_section(report: Report, summary: dict[str, Any], collected: dict
             sec.figure(seq, f"{model}: sequential insertion curve (first seed)")
 
 
-def _real_model_section(report: Report, summary: dict[str, Any], collected: dict[str, Any], stages_dir: Path) -> None:
-    sec = report.section("5. A real pretrained model: capital-city facts")
-    for model, entry in summary["real_model"].items():
-        trace = entry.get("trace") or {}
-        rows = [{"model": model, "site": site, "peak layer": fmt(trace[site]["peak_layer"]),
-                 "category": trace[site]["peak_category"], "effect": fmt(trace[site]["peak_effect"])}
-                for site in ("resid", "mlp_out", "attn_out") if site in trace]
-        if trace.get("mlp_last_subject"):
-            last = trace["mlp_last_subject"]
-            rows.append({"model": model, "site": "mlp_out", "peak layer": fmt(last["layer"]),
-                         "category": "last subject token (fixed)", "effect": fmt(last["effect"])})
-        sec.table(rows, caption=f"{model}: peak of the mean indirect effect over {trace.get('n_facts')} capital facts "
-                                f"({trace.get('n_correct')} predicted correctly)")
-        plot = _first_plot(collected, stages_dir, "real_model", model, "trace", "plot")
-        if plot:
-            sec.figure(plot, f"{model}: mean indirect effect on capital facts (first seed)")
-        sec.table([{"model": model, "method/protocol": run,
-                    **{m: fmt(v[m]) for m in REAL_METRICS},
-                    **{f"{m} before": fmt(v["pre"][m]) for m in ("ES", "NS")},
-                    "s / edit": fmt(_cell_mean(collected, "real_model", model, "runs", run, "seconds_per_edit"))}
-                   for run, v in (entry.get("runs") or {}).items()],
-                  caption="ROME one edit at a time (single), MEMIT all facts in one batch (batch); s / edit from the "
-                          "cells (not in summary.json)")
-
-
 def write_report(out: Path, summary: dict[str, Any], collected: dict[str, Any], versions: dict[str, str],
                  wall_time_s: float) -> tuple[Path, Path]:
     """Write report.html + report.md from the summary and the per-stage plots."""
@@ -416,7 +395,12 @@ def write_report(out: Path, summary: dict[str, Any], collected: dict[str, Any], 
                     f"quick={summary['config']['quick']}; wall time {wall_time_s:.0f} s (this run); "
                     f"{sum(collected['timings'].values()):.0f} s summed over the {len(collected['timings'])} cells "
                     "(all runs, if resumed)")
-    report.section("Findings (generated from the numbers)").bullets(statements(summary) or ["no stage produced numbers"])
+    report.section("Findings (generated from the numbers)").text(
+        "Each number is a mean with its 95 % interval and n: per-fact numbers pool the facts (or answers) of every "
+        "seed into one interval (Wilson for 0/1 values such as exact match, else a seeded bootstrap), per-seed numbers (peak layers, sweeps, curves) use a t-interval over seeds. "
+        "A direction (drops, rises, higher, lower, larger, …) is named only when the two intervals do not overlap; "
+        "otherwise the statement says \"no measurable difference (n = …)\"."
+    ).bullets(statements(summary) or ["no stage produced numbers"])
     stages_dir = out / "stages"
     if summary["trace"]:
         sec = report.section("1. Where facts live: causal tracing")
@@ -426,7 +410,8 @@ def write_report(out: Path, summary: dict[str, Any], collected: dict[str, Any], 
                 if site in entry:
                     rows.append({"model": model, "site": site, "peak layer": fmt(entry[site]["peak_layer"]),
                                  "category": entry[site]["peak_category"], "effect": fmt(entry[site]["peak_effect"])})
-        sec.table(rows, caption="peak of the mean indirect effect (mean [95% CI] over seeds)")
+        sec.table(rows, caption="peak of the mean indirect effect: layer mean [95% CI] over seeds (n = seeds), effect at "
+                                "the peak mean [95% bootstrap CI] over the traced facts of every seed (n = facts)")
         for model in summary["trace"]:
             for cell in _seeds(collected["results"], "trace", model)[:1]:
                 if (stages_dir / "trace" / cell["plot"]).exists():
@@ -439,7 +424,8 @@ def write_report(out: Path, summary: dict[str, Any], collected: dict[str, Any], 
         from dlmedit.study.plots import plot_layer_sweep
 
         path = plot_layer_sweep(summary, out / "plots" / "layer_sweep.png")
-        sec.figure(path, "ROME efficacy (ES, exact match by generation) vs edited layer; dashed: traced MLP peak")
+        sec.figure(path, "ROME efficacy (ES, exact match by generation) vs edited layer, mean and 95% CI over the edited "
+                         "facts (n in the legend; series dodged sideways); dotted: traced MLP peak")
         for model, rows in summary["layer_sweep"].items():
             sec.table([{"model": model, "layer": r["layer"], "ES": fmt(r["ES"]), "GenEM": fmt(r["GenEM"]),
                         "NS": fmt(r["NS"])} for r in rows])
@@ -456,17 +442,21 @@ def write_report(out: Path, summary: dict[str, Any], collected: dict[str, Any], 
                 row["NS"] = fmt(entry["NS"]["all"])
                 rows.append(row)
         sec.table(rows, caption="exact match by real generation (greedy / iterative denoising) by target length, and "
-                                "CounterFact ES/PS/NS by score")
+                                "CounterFact ES/PS/NS by score: mean [95% bootstrap CI] (n = facts, pooled over seeds)")
         from dlmedit.study.plots import plot_diagnosis, plot_em_by_length
 
-        sec.figure(plot_em_by_length(summary, out / "plots" / "em_by_length.png"), "exact match by target length")
+        sec.figure(plot_em_by_length(summary, out / "plots" / "em_by_length.png"),
+                   "exact match by target length: mean and 95% CI per bucket, n facts per bucket in the legend; series "
+                   "are dodged sideways so coinciding ones stay visible")
         if summary["diagnosis"]:
             sec.figure(plot_diagnosis(summary, out / "plots" / "diagnosis.png"),
                        "probability of still-masked new-target tokens along the edited model's denoising path")
     if summary["unlearning"]:
         _unlearning_section(report, summary, collected, stages_dir)
     if summary["real_model"]:
-        _real_model_section(report, summary, collected, stages_dir)
+        from dlmedit.study.real_pair import render_real_pair
+
+        render_real_pair(report, summary, collected, stages_dir)
     sec = report.section("Configuration and environment")
     sec.table([{"key": k, "value": str(v)} for k, v in summary["config"].items()])
     sec.table([{"package": k, "version": v} for k, v in versions.items()])

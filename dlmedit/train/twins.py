@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -370,41 +369,20 @@ def evaluate_twin(path: str | Path, *, max_facts: int | None = None, subjects: l
 # ---------------------------------------------------------------------------
 
 def _save_state(state_dir: Path, model, opt, step: int, meta: dict) -> None:
-    tmp = state_dir.with_name(state_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    opt_sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in opt_sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.contiguous()
-            else:
-                scalars[f"{pid}.{k}"] = v
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    meta = {**meta, "step": step, "opt_param_groups": opt_sd["param_groups"], "opt_scalars": scalars,
-            "python_rng": list(random.getstate()[1])}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    if state_dir.exists():
-        shutil.rmtree(state_dir)
-    os.replace(tmp, state_dir)
+    from dlmedit.cache import atomic_dir
+    from dlmedit.train.optim_state import save_optimizer_state
+
+    with atomic_dir(state_dir) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        save_optimizer_state(opt, tmp, {**meta, "step": step, "python_rng": list(random.getstate()[1])})
 
 
 def _load_state(state_dir: Path, model, opt) -> dict:
+    from dlmedit.train.optim_state import load_optimizer_state
+
     model.load_state_dict(load_file(str(state_dir / "model.safetensors")))
-    meta = json.loads((state_dir / "state.json").read_text())
-    tensors = load_file(str(state_dir / "optimizer.safetensors"))
-    state: dict = defaultdict(dict)
-    for k, v in tensors.items():
-        pid, name = k.split(".", 1)
-        state[int(pid)][name] = v
-    for k, v in meta["opt_scalars"].items():
-        pid, name = k.split(".", 1)
-        state[int(pid)][name] = v
-    opt.load_state_dict({"state": dict(state), "param_groups": meta["opt_param_groups"]})
+    meta = load_optimizer_state(opt, state_dir)
     torch.set_rng_state(load_file(str(state_dir / "rng.safetensors"))["torch_rng"])
     return meta
 

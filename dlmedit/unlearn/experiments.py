@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -74,8 +75,43 @@ class MemorySettings:
     seed: int = 0
     coordinate_source: str = "default"
 
+    def __post_init__(self) -> None:
+        """Range checks that need no model, so a bad ``--q`` / ``--lambda`` / ``--alpha`` fails before any work."""
+        from dlmedit.checks import check_finite
+        from dlmedit.errors import InvalidSettingError
+        from dlmedit.memory.residual import SITES, _check_alpha, _check_gate
+        from dlmedit.memory.ridge import _check_lam
+        from dlmedit.memory.sparsify import check_q
+        from dlmedit.memory.targets import KEY_STATS
+
+        _check_alpha(self.alpha)
+        _check_lam(self.lam)
+        _check_gate(self.gate)
+        if self.q is not None:
+            check_q(self.q, sys.maxsize)  # ≥ 1 here; against the site's width in `resolved`
+        if self.layer is not None:
+            check_finite(self.layer, "layer (--layer)", integer=True)
+        if self.site not in SITES:
+            raise InvalidSettingError(f"unknown site {self.site!r} (--site); use one of {', '.join(SITES)}")
+        if self.key_stats not in KEY_STATS:
+            raise InvalidSettingError(
+                f"unknown key statistics {self.key_stats!r} (--key-stats); use one of {', '.join(KEY_STATS)}")
+        check_finite(self.n_states, "n_states (--n-states)", low=1, integer=True)
+        check_finite(self.whiten_eps, "whiten_eps", low=0, low_open=True)
+
     def resolved(self, lm: LanguageModel) -> MemorySettings:
-        return replace(self, layer=default_layer(lm.n_layers) if self.layer is None else self.layer)
+        """The settings with the default layer filled in, checked against the model (layer range, q ≤ site width)."""
+        from dlmedit.memory.sparsify import check_q
+        from dlmedit.memory.targets import site_width
+
+        out = replace(self, layer=default_layer(lm.n_layers) if self.layer is None else self.layer)
+        if not -lm.n_layers <= int(out.layer) < lm.n_layers:  # type: ignore[arg-type]
+            from dlmedit.errors import InvalidSettingError
+
+            raise InvalidSettingError(f"layer (--layer) {out.layer} is out of range: the model has layers "
+                                      f"0..{lm.n_layers - 1}")
+        check_q(out.q, site_width(lm, out.site))
+        return out
 
 
 def memory_facts(items: Sequence[QAItem]) -> list[MemoryFact]:
