@@ -159,9 +159,10 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def __init__(self, retries: int = 1) -> None:
+    def __init__(self, retries: int = 1, threads: int | None = None) -> None:
         super().__init__(retries)
         self._queue: list[Job] = []
+        self.threads = threads
 
     def slots(self) -> int:
         return 1
@@ -174,15 +175,34 @@ class LocalExecutor(Executor):
         outcome = Outcome(job, error="not run")
         for _ in range(self.retries + 1):
             try:
-                return [Outcome(job, result=job.fn(*job.args))]
+                return [Outcome(job, result=call_with_threads(self.threads, job.fn, job.args))]
             except Exception as exc:  # a cell's failure is reported, not fatal (KeyboardInterrupt still is)
                 outcome = Outcome(job, error=_describe(exc), detail=traceback.format_exc())
         return [outcome]
 
 
-def _run_job(fn: Callable[..., dict[str, Any]], args: tuple[Any, ...]) -> dict[str, Any]:
+def call_with_threads(threads: int | None, fn: Callable[..., dict[str, Any]], args: tuple[Any, ...]) -> dict[str, Any]:
+    """Run ``fn(*args)`` on ``threads`` torch threads (restored afterwards); ``None`` leaves them alone.
+
+    Why: float sums depend on how a matmul is split over threads, so a cell computed on
+    two threads differs from one computed on one in the 7th digit; both executors run a
+    cell on ``--cpus-per-cell`` threads so their numbers are byte-identical.
+    """
+    if threads is None:
+        return fn(*args)
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_job(fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], threads: int | None = None) -> dict[str, Any]:
     """The Ray task: the same call the local executor makes, in a worker process."""
-    return fn(*args)
+    return call_with_threads(threads, fn, args)
 
 
 class RayExecutor(Executor):
@@ -251,7 +271,8 @@ class RayExecutor(Executor):
         return max(1, n)
 
     def submit(self, job: Job) -> None:
-        self._pending[self._task.remote(job.fn, job.args)] = job
+        threads = max(1, int(self.cpus_per_task))
+        self._pending[self._task.remote(job.fn, job.args, threads)] = job
 
     def wait(self) -> list[Outcome]:
         ray = self._ray
@@ -286,7 +307,7 @@ def make_executor(name: str, *, address: str | None = None, cpus_per_cell: float
     if name == "local":
         if address or gpus_per_cell:
             raise ExecutorError("--address and --gpus-per-cell apply to --executor ray only")
-        return LocalExecutor()
+        return LocalExecutor(threads=max(1, int(cpus_per_cell)))
     if name == "ray":
         return RayExecutor(address=address, cpus_per_task=cpus_per_cell, gpus_per_task=gpus_per_cell, verbose=verbose)
     raise ExecutorError(f"unknown executor {name!r}; use one of {', '.join(EXECUTORS)}")

@@ -59,6 +59,15 @@ def test_openness_bias_is_arm_equivalent_at_zero_and_full_at_one() -> None:
     assert torch.allclose(half[~expected], torch.full_like(half[~expected], float(torch.log(torch.tensor(0.5)))))
 
 
+def test_masks_see_all_opens_mask_rows_only() -> None:
+    ids = torch.tensor([[5, 6, 9, 9, 7]])  # 9 = mask
+    allowed = attention_bias(ids, 9, 0.0, masks_see_all=True)[0, 0] == 0
+    arm_equivalent = attention_bias(ids, 9, 0.0)[0, 0] == 0
+    assert allowed[2].all() and allowed[3].all()  # mask rows see every position
+    for row in (0, 1, 4):  # visible rows keep the ARM-equivalent pattern
+        assert torch.equal(allowed[row], arm_equivalent[row])
+
+
 def test_noise_never_masks_the_first_token_and_suffix_rows_are_suffixes() -> None:
     ids = torch.arange(10, 30).repeat(64, 1)
     noisy, masked, k = sample_noise(ids, 99, torch.Generator().manual_seed(0), suffix_share=1.0)
@@ -180,15 +189,21 @@ def test_bad_inputs_are_clear_errors(tiny_checkpoints: dict[str, Path], tiny_bas
 def test_shipping_point_is_the_most_bidirectional_point_that_holds_the_bar() -> None:
     from dlmedit.adapt.trainer import shipping_point
 
-    def row(step: int, openness: float, single: tuple[int, int], multi: tuple[int, int]) -> dict:
-        return {"step": step, "openness": openness, "recall_at_openness": {"single": list(single), "multi": list(multi)}}
+    def row(step: int, openness: float, at: tuple, full: tuple = ((0, 10), (0, 10))) -> dict:
+        return {"step": step, "openness": openness,
+                "recall_at_openness": {"single": list(at[0]), "multi": list(at[1])},
+                "recall_full": {"single": list(full[0]), "multi": list(full[1])}}
 
-    rows = [row(100, 0.0, (10, 10), (9, 10)), row(200, 0.5, (9, 10), (8, 10)), row(300, 1.0, (9, 10), (5, 10))]
-    assert shipping_point(rows) == {"step": 200, "openness": 0.5, "recall": 0.8, "holds_bar": True}
-    rows.append(row(400, 1.0, (10, 10), (8, 10)))
-    assert shipping_point(rows)["step"] == 400
-    failing = [row(100, 0.0, (5, 10), (1, 10)), row(200, 1.0, (3, 10), (2, 10))]
-    assert shipping_point(failing) == {"step": 200, "openness": 1.0, "recall": 0.2, "holds_bar": False}
+    rows = [row(100, 0.0, ((10, 10), (9, 10))), row(200, 0.5, ((9, 10), (8, 10))), row(300, 1.0, ((9, 10), (5, 10)))]
+    assert shipping_point(rows) == {"step": 200, "openness": 0.5, "recall": 0.8, "masks_see_all": False,
+                                    "holds_bar": True}
+    rows.append(row(400, 0.0, ((10, 10), (10, 10)), full=((10, 10), (8, 10))))
+    assert shipping_point(rows)["step"] == 400 and shipping_point(rows)["openness"] == 1.0
+    failing = [row(100, 0.0, ((5, 10), (1, 10))), row(200, 1.0, ((3, 10), (2, 10)), full=((3, 10), (2, 10)))]
+    assert shipping_point(failing) == {"step": 200, "openness": 1.0, "recall": 0.2, "masks_see_all": False,
+                                       "holds_bar": False}
+    held = shipping_point([row(100, 0.0, ((10, 10), (9, 10)))], masks_see_all=True)
+    assert held["masks_see_all"] is True and held["openness"] == 0.0
 
 
 def test_a_partially_annealed_artifact_loads_with_its_attention_pattern(tiny_base: Path, corpus: Path,

@@ -265,7 +265,7 @@ def test_bad_input_is_one_clear_line(env, case_id, argv, expected):
     output = result.output
     assert result.exit_code == 2, f"exit {result.exit_code} for {args}:\n{output}\n{result.exception!r}"
     assert "Traceback" not in output
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    errors = [line for line in output.splitlines() if line.startswith(("error:", "error ("))]
     assert len(errors) == 1, output
     for part in expected:
         assert part in errors[0], f"{part!r} not in {errors[0]!r}"
@@ -384,7 +384,7 @@ def test_verbose_adds_the_traceback_to_a_user_error(env, monkeypatch):
     monkeypatch.setenv("DLMEDIT_DEBUG", "1")
     result = runner.invoke(app, ["generate", "-m", str(env["truncated"]), "-p", "a"])
     assert result.exit_code == 2
-    assert "Traceback" in result.output and result.output.strip().splitlines()[-1].startswith("error:")
+    assert "Traceback" in result.output and result.output.strip().splitlines()[-1].startswith("error (")
 
 
 def _console(args: list[bytes | str], **env: str) -> subprocess.CompletedProcess:

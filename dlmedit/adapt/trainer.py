@@ -375,41 +375,62 @@ def adapt(cfg: AdaptConfig, out: str | Path, *, progress: bool = True, ship_to: 
                "training_tokens": int(stream.numel()), "eval_facts": len(known), "base_recall": base_recall}
     atomic_write_json(out / "summary.json", summary)
     rows = [json.loads(line) for line in curve_path.read_text().splitlines() if line.strip()]
-    point = shipping_point(rows, bar=SHIP_BAR)
+    point = shipping_point(rows, bar=SHIP_BAR, masks_see_all=cfg.masks_see_all)
     summary["shipping_point"] = point
     atomic_write_json(out / "summary.json", summary)
     if ship_to is not None and point is not None:
-        src = out / "evals" / f"step{int(point['step']):06d}"
-        with atomic_dir(Path(ship_to)) as tmp:
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
-            shutil.copy(curve_path, tmp / "curve.jsonl")
+        ship_point(out, point, Path(ship_to))
     return summary
+
+
+def ship_point(run_dir: Path, point: dict[str, Any], dest: Path) -> Path:
+    """Copy the eval snapshot of ``point`` to ``dest``, its metadata saying the attention it is served at."""
+    src = Path(run_dir) / "evals" / f"step{int(point['step']):06d}"
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        meta = json.loads((tmp / "dlmedit_adapter.json").read_text())
+        meta["openness"] = float(point["openness"])
+        meta["masks_see_all"] = bool(point.get("masks_see_all")) and float(point["openness"]) < 1.0
+        meta["shipping_point"] = point
+        (tmp / "dlmedit_adapter.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        shutil.copy(Path(run_dir) / "curve.jsonl", tmp / "curve.jsonl")
+    return dest
 
 
 #: share of the base model's recall (single- and multi-token objects separately) a shipped point must keep
 SHIP_BAR = 0.8
 
 
-def shipping_point(rows: list[dict[str, Any]], bar: float = SHIP_BAR) -> dict[str, Any] | None:
-    """The eval point to ship: the most bidirectional one whose recall (at its own openness) holds ``bar``.
+def shipping_point(rows: list[dict[str, Any]], bar: float = SHIP_BAR,
+                   masks_see_all: bool = False) -> dict[str, Any] | None:
+    """The eval point to ship: the most bidirectional one whose recall holds ``bar``.
 
-    Recall is measured on facts the base ARM recalls, so the ratio to the ARM is the
-    recall itself.  Among points of equal openness the later one wins; when no point
-    holds the bar, the one with the best worse-of-(single, multi) recall is returned
-    and marked ``holds_bar: False``.
+    Each eval row offers two candidates: the snapshot served with full bidirectional
+    attention (``recall_full``) and served at the openness it was trained at
+    (``recall_at_openness``).  Recall is measured on facts the base ARM recalls, so the
+    ratio to the ARM is the recall itself; a candidate holds the bar when single- and
+    multi-token recall both do.  Among candidates of equal openness the later step wins;
+    when none holds the bar, the one with the best worse-of-(single, multi) recall is
+    returned, marked ``holds_bar: False``.
     """
-    def worst(row: dict[str, Any]) -> float:
-        rec = row["recall_at_openness"]
+    def worst(rec: dict[str, Any]) -> float:
         return min(rec[k][0] / rec[k][1] if rec.get(k) and rec[k][1] else 1.0 for k in ("single", "multi"))
 
-    if not rows:
+    candidates = []
+    for r in rows:
+        candidates.append({"step": r["step"], "openness": 1.0, "recall": worst(r["recall_full"]),
+                           "masks_see_all": False})
+        if r["openness"] < 1.0:
+            candidates.append({"step": r["step"], "openness": r["openness"], "recall": worst(r["recall_at_openness"]),
+                               "masks_see_all": masks_see_all})
+    if not candidates:
         return None
-    holding = [r for r in rows if worst(r) >= bar]
+    holding = [c for c in candidates if c["recall"] >= bar]
     if holding:
-        row = max(holding, key=lambda r: (r["openness"], r["step"]))
-        return {"step": row["step"], "openness": row["openness"], "recall": worst(row), "holds_bar": True}
-    row = max(rows, key=lambda r: (worst(r), r["openness"], r["step"]))
-    return {"step": row["step"], "openness": row["openness"], "recall": worst(row), "holds_bar": False}
+        best = max(holding, key=lambda c: (c["openness"], c["masks_see_all"], c["step"]))
+        return {**best, "holds_bar": True}
+    best = max(candidates, key=lambda c: (c["recall"], c["openness"], c["step"]))
+    return {**best, "holds_bar": False}
 
 
 def _evaluate(run: _Run, known: list[Any], held: torch.Tensor, step: int, openness: float,

@@ -58,7 +58,7 @@ def adapt_command(
 def pair_command(
     arm: str = typer.Option("smollm2", "--arm", help="the autoregressive model"),
     mdm: str = typer.Option("smollm2-dream", "--mdm", help="the masked-diffusion model (e.g. adapted from --arm)"),
-    relations: str = typer.Option("capital,demonym,language", "--relations", help="country relations to recall"),
+    relations: str = typer.Option("capital,language", "--relations", help="country relations to recall (capital, language, demonym)"),
     limit: int = typer.Option(None, "--limit", help="facts per relation (default: all)"),
     nll_texts: int = typer.Option(24, "--nll-texts", help="held-out texts for the NLL comparison (0: skip)"),
     out: Path = typer.Option(None, "--out", help="write pair.json here"),

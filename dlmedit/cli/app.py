@@ -32,10 +32,10 @@ def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
-def echo_error(message: str) -> None:
-    """The single way the CLI reports a failure: one line on stderr, starting with ``error:``."""
+def echo_error(message: str, kind: str | None = None) -> None:
+    """The single way the CLI reports a failure: one line on stderr, ``error: …`` or ``error (Kind): …``."""
     text = _one_line(message).encode("utf-8", "backslashreplace").decode("utf-8")  # a non-UTF-8 file name prints too
-    typer.secho(f"error: {text}", fg="red", err=True)
+    typer.secho(f"error ({kind}): {text}" if kind else f"error: {text}", fg="red", err=True)
 
 
 def _usage_message(exc: ClickException) -> str:
@@ -127,7 +127,7 @@ def friendly_errors(fn: F) -> F:
         except DlmeditError as exc:
             if _verbose():
                 traceback.print_exc()
-            echo_error(str(exc))
+            echo_error(str(exc), kind=type(exc).__name__)
             raise typer.Exit(USER_ERROR) from None
         except OSError as exc:
             if exc.filename is None:
