@@ -313,6 +313,14 @@ def make_executor(name: str, *, address: str | None = None, cpus_per_cell: float
     raise ExecutorError(f"unknown executor {name!r}; use one of {', '.join(EXECUTORS)}")
 
 
+def run_cells_on(jobs: Iterable[Job], executor: Executor | None, progress: Any = None) -> RunResult:
+    """:func:`run_cells` on ``executor``, or on a fresh :class:`LocalExecutor` when it is ``None``."""
+    if executor is not None:
+        return run_cells(jobs, executor, progress)
+    with LocalExecutor() as local:
+        return run_cells(jobs, local, progress)
+
+
 def run_cells(jobs: Iterable[Job], executor: Executor,
               progress: Callable[[str, int, int], None] | None = None) -> RunResult:
     """Load finished cells, claim and run the others on ``executor``, write their results.

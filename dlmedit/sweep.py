@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from dlmedit.cache import atomic_write_bytes, atomic_write_json
 from dlmedit.errors import UsageError
-from dlmedit.executors import Executor, Job, LocalExecutor, run_cells
+from dlmedit.executors import Executor, Job, run_cells_on
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -261,11 +261,7 @@ def run_sweep(runs: list[SweepRun], out: str | Path, *, executor: Executor | Non
             for r in runs]
     start = time.perf_counter()
     try:
-        if executor is None:
-            with LocalExecutor() as local:
-                ran = run_cells(jobs, local, progress)
-        else:
-            ran = run_cells(jobs, executor, progress)
+        ran = run_cells_on(jobs, executor, progress)
     finally:
         _LAST_MODEL.clear()
     wall = time.perf_counter() - start

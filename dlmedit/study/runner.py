@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dlmedit.cache import atomic_write_json
-from dlmedit.executors import CellLock, Executor, Job, LocalExecutor, run_cells
+from dlmedit.executors import CellLock, Executor, Job, run_cells_on
 from dlmedit.seeding import seed_everything
 
 __all__ = ["CellLock", "StageContext", "StudyConfig", "cell_path", "compute_cell", "run_study", "stage", "stage_names"]
@@ -173,11 +173,7 @@ def run_study(config: StudyConfig, out: str | Path, log: Callable[[str], None] =
     previous_log = _cell_log[0]
     _cell_log[0] = log
     try:
-        if executor is None:
-            with LocalExecutor() as local:
-                ran = run_cells(jobs, local, progress)
-        else:
-            ran = run_cells(jobs, executor, progress)
+        ran = run_cells_on(jobs, executor, progress)
     finally:
         _cell_log[0] = previous_log
         _PROCESS_CACHE.clear()  # the local executor's models are not kept past the run
