@@ -243,3 +243,12 @@ def test_unlearning_stage_keeps_per_answer_values_that_match_the_headline(tiny_m
     memory = summary["unlearning"]["tiny:llama"]["methods"]["memory"]
     assert memory["forget_lp_drop"]["unit"] == "answers" and memory["retain_per_drop"]["n"] == min(
         result["n_forget"], result["n_retain"])
+
+
+def test_error_bars_never_negative_when_an_interval_excludes_its_mean() -> None:
+    from dlmedit.study.plots import _errors
+
+    err = _errors([{"mean": 0.5, "low": 0.5000001, "high": 0.7}, {"mean": 0.2, "low": 0.1, "high": 0.19}])
+    assert (err >= 0).all()
+    assert err[0, 0] == 0.0 and err[1, 1] == 0.0  # rows: distance below, distance above
+    assert err[1, 0] == pytest.approx(0.2) and err[0, 1] == pytest.approx(0.1)

@@ -45,13 +45,17 @@ def _mean(e: dict[str, Any] | None) -> float:
 
 
 def _errors(entries: Sequence[dict[str, Any] | None]) -> np.ndarray:
-    """[2, k] distances below / above each mean to its interval (0 where there is no interval)."""
+    """[2, k] distances below / above each mean to its interval (0 where there is no interval).
+
+    Clamped at 0: a bootstrap percentile interval can exclude its own mean by rounding (or
+    for a skewed sample), and matplotlib refuses negative error lengths.
+    """
     lows, highs = [], []
     for e in entries:
         m = _mean(e)
         lo, hi = (e or {}).get("low"), (e or {}).get("high")
-        lows.append(m - lo if lo is not None and not np.isnan(m) else 0.0)
-        highs.append(hi - m if hi is not None and not np.isnan(m) else 0.0)
+        lows.append(max(0.0, m - lo) if lo is not None and not np.isnan(m) else 0.0)
+        highs.append(max(0.0, hi - m) if hi is not None and not np.isnan(m) else 0.0)
     return np.array([lows, highs])
 
 
