@@ -11,14 +11,18 @@ tracebacks.  dlmedit's own warnings stay visible, as one line each.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["configure", "verbose"]
+__all__ = ["configure", "hide_module_bars", "verbose"]
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _state = {"verbose": False, "configured": False}
@@ -38,6 +42,29 @@ def verbose() -> bool:
     """True when ``--verbose`` was given or ``DLMEDIT_DEBUG`` is set to a true value."""
     env = os.environ.get("DLMEDIT_DEBUG", "").strip().lower()
     return bool(_state["verbose"]) or env not in ("", "0", "false", "no")
+
+
+@contextlib.contextmanager
+def hide_module_bars(module_name: str) -> Iterator[None]:
+    """Hide the tqdm bars a third-party module draws with its own ``tqdm`` import, while in the block.
+
+    Why: some code paths (transformers' GGUF de-quantisation) call ``tqdm`` directly,
+    ignoring transformers' progress-bar switch.  Only when :func:`configure` ran (a CLI
+    command) and ``--verbose`` was not given; a library user keeps the bar.
+    """
+    if not _state["configured"] or verbose():
+        yield
+        return
+    module = importlib.import_module(module_name)
+    original = getattr(module, "tqdm", None)
+    if original is None:
+        yield
+        return
+    module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = original
 
 
 def _is_ours(filename: str) -> bool:

@@ -267,3 +267,30 @@ def test_bad_settings():
     with pytest.raises(EvalConfigError, match="gen_window"):
         MeasureSettings(gen_window=0)
     assert measure_records(FakeScorerLM({}), [], SCORES_ONLY) == []
+
+
+def test_mdm_window_without_eos_padding_is_judged_by_prefix(tiny_models, monkeypatch):
+    """An adapted ARM (smollm2-dream) has a default window but writes on after the answer: judge its first tokens."""
+    lm = tiny_models["llada"]
+    monkeypatch.setattr(lm.paradigm, "answer_window", 6)
+    monkeypatch.setattr(lm.paradigm, "answer_eos", False)
+    assert generation_plan(lm, 2, MeasureSettings()) == ("prefix", 6)
+    gold = lm.encode_target("the capital of france is", " rome")
+    tail = lm.encode_target("the capital of france is", " city")
+
+    def fake_generate(prompts, max_new_tokens, **options):
+        ids = [(gold + tail * max_new_tokens)[:max_new_tokens] for _ in prompts]
+        return GenerationResult([lm.decode(i) for i in ids], ids, torch.zeros(1), 0,
+                                {"paradigm": "fake", "max_new_tokens": max_new_tokens})
+
+    monkeypatch.setattr(lm, "generate", fake_generate)
+    rec = EditRecord(EditRequest("the capital of {} is", "france", "paris", "rome"))
+    m = measure_records(lm, [rec], MeasureSettings(token_accuracy=False))[0]
+    assert m.metrics["GenEM"] == 0.0  # target_new is " paris"; generated " rome city …"
+    rec = EditRecord(EditRequest("the capital of {} is", "france", "rome", "paris"))
+    m = measure_records(lm, [rec], MeasureSettings(token_accuracy=False))[0]
+    assert m.metrics["GenEM"] == 1.0  # " rome" then more text: a prefix match
+    monkeypatch.setattr(lm.paradigm, "answer_eos", True)
+    assert generation_plan(lm, 2, MeasureSettings()) == ("eos", 6)
+    m = measure_records(lm, [rec], MeasureSettings(token_accuracy=False))[0]
+    assert m.metrics["GenEM"] == 0.0, m.generation

@@ -89,10 +89,13 @@ def test_real_pair_stage_produces_every_table_with_n_and_intervals(tiny_models, 
     assert "temporal" in mdm["trace"] and "temporal" not in arm["trace"]
     assert (tmp_path / "stages" / "real_model" / mdm["trace"]["temporal"]["plot"]).stat().st_size > 1000
     # 2. edits: one-token vs two-token new targets, the MDM over its state choices, the ARM on final only
-    assert arm["facts"]["single"] == [["P36", "france", "paris", "london"], ["P36", "north", "london", "paris"]]
-    assert all(" " in row[3] for row in arm["facts"]["multi"])
+    assert [row[:3] for row in arm["facts"]["single"]] == [["P36", "france", "paris"], ["P36", "north", "london"]]
+    assert [row[:3] for row in arm["facts"]["multi"]] == [row[:3] for row in arm["facts"]["single"]]
+    assert all(" " not in row[3] for row in arm["facts"]["single"]) and all(" " in row[3] for row in arm["facts"]["multi"])
     assert set(arm["edits"]["single"]["runs"]) == {"rome/final", "memit/final"}
     assert set(mdm["edits"]["multi"]["runs"]) == {"rome/final", "rome/partial+keys", "memit/final"}
+    # the tiny dream is fully bidirectional: its subject key moves with the state; the ARM has one state
+    assert mdm["key_spread"]["max_relative_change"]["partial"] > 1e-4 and "key_spread" not in arm
     keyed = mdm["edits"]["multi"]["runs"]["rome/partial+keys"]
     assert (keyed["target_states"], keyed["key_states"]) == ("partial", "partial")
     assert sorted(keyed["values"]["GenEM"]) == ["2", "all"] and len(keyed["values"]["GenEM"]["all"]) == 2
@@ -130,6 +133,7 @@ def test_real_pair_stage_produces_every_table_with_n_and_intervals(tiny_models, 
     assert "5. Real models: causal tracing, single- vs multi-token edits and forgetting" in report
     assert "| tiny:dream | multi | rome/partial+keys |" in report
     assert "(n=2)" in report and "memory α=2" in report and "mlp_out (peak)" in report
+    assert "tiny:dream: the edit key k* at layer" in report and "The key depends on the state" in report
 
 
 def test_peak_bootstrap_finds_the_peak_and_its_interval() -> None:
@@ -150,17 +154,24 @@ def test_peak_bootstrap_finds_the_peak_and_its_interval() -> None:
 def test_edit_groups_split_by_new_target_length(tiny_models) -> None:
     lm = tiny_models["llama"]
     groups = real_pair.edit_groups(lm, {"capital": SINGLE + MULTI, "demonym": SINGLE[:3]}, 5, 1, seed=0)
-    assert [len(lm.encode_target(r.request.prompt, r.request.target_new)) for r in groups["single"]] == [1] * 4
-    assert all(len(lm.encode_target(r.request.prompt, r.request.target_new)) == 2 for r in groups["multi"])
-    assert [r.request.case_id for r in groups["single"]] == [0, 1, 2, 3]
-    # the neighbourhood pool is disjoint from the edited countries and of the same group
+    assert [len(lm.encode_target(r.request.prompt, r.request.target_new)) for r in groups["single"]] == [1] * 5
+    assert [len(lm.encode_target(r.request.prompt, r.request.target_new)) for r in groups["multi"]] == [2] * 5
+    assert [r.request.case_id for r in groups["single"]] == [0, 1, 2, 3, 4]
+    # both groups edit the same known facts; only the length of the new target differs
+    assert [r.request.subject for r in groups["single"]] == [r.request.subject for r in groups["multi"]]
     for group in groups.values():
         edited = {r.request.subject for r in group}
         assert all(p.prompt.split()[-2] not in edited for r in group for p in r.neighborhood)
-    # capitals give 6 − 2 neighbours = 4; the demonyms' 3 − 2 = 1 < 2 cannot rotate, so they add nothing
+        # a new target is never the record's true object nor a neighbour's answer, and not repeated
+        for r in group:
+            assert r.request.target_new not in {r.request.target_true, *(p.answer for p in r.neighborhood)}
+        assert len({r.request.target_new for r in group}) == len(group)
+    # capitals give 12 − 2 neighbours ≥ 5; the demonyms' 3 − 2 = 1 < 2 cannot rotate, so they add nothing
     assert {r.request.relation_id for r in groups["single"]} == {"P36"}
-    more = real_pair.edit_groups(lm, {"capital": SINGLE[:4], "demonym": SINGLE[:4]}, 4, 1, seed=0)
-    assert [r.request.relation_id for r in more["single"]] == ["P36", "P36", "P1549", "P1549"]
+    more = real_pair.edit_groups(lm, {"capital": SINGLE[:4], "demonym": SINGLE[:4]}, 4, 1, seed=0,
+                                 objects={"capital": [o for _, o in SINGLE + MULTI], "demonym": [o for _, o in MULTI]})
+    assert [r.request.relation_id for r in more["single"]] == ["P36", "P36"]  # no one-token demonym objects given
+    assert [r.request.relation_id for r in more["multi"]] == ["P36", "P36", "P1549", "P1549"]
 
 
 def test_real_models_run_only_the_real_model_section() -> None:

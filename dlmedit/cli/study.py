@@ -57,7 +57,7 @@ def study_command(
                                  help="local (cells one after another in this process) | ray (each cell a Ray task)"),
     address: str = typer.Option(None, "--address",
                                 help="ray: join a running cluster (auto | HOST:PORT); default: start one on this machine"),
-    cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="ray: CPUs reserved per cell (also its threads)"),
+    cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="torch threads per cell (ray: also the CPUs it reserves)"),
     gpus_per_cell: float = typer.Option(0.0, "--gpus-per-cell", help="ray: GPUs reserved per cell"),
 ) -> None:
     """Run (or resume) the study and write summary.json, report.html and report.md.

@@ -26,7 +26,7 @@ def sweep_command(
                                  help="local (runs one after another in this process) | ray (each run a Ray task)"),
     address: str = typer.Option(None, "--address",
                                 help="ray: join a running cluster (auto | HOST:PORT); default: start one on this machine"),
-    cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="ray: CPUs reserved per run (also its threads)"),
+    cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", help="torch threads per run (ray: also the CPUs it reserves)"),
     gpus_per_cell: float = typer.Option(0.0, "--gpus-per-cell", help="ray: GPUs reserved per run"),
     overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing sweep in --out first"),
     json_out: bool = typer.Option(False, "--json", help="print the summary rows as JSON instead of the table"),

@@ -81,6 +81,7 @@ __all__ = [
     "MeasureSettings",
     "RecordMeasurement",
     "add_pre_comparison",
+    "answer_eos_of",
     "answer_window_of",
     "generation_plan",
     "measure_records",
@@ -206,6 +207,30 @@ def answer_window_of(lm: LanguageModel) -> int | None:
     return None
 
 
+def answer_eos_of(lm: LanguageModel) -> bool:
+    """Whether the model ends its answer window with EOS padding (LLaDA-SFT style, as the twins are trained).
+
+    Only then is a generated window judged whole (text up to EOS equals the target).  A
+    model with a default window but no such training — ``smollm2-dream``, adapted from an
+    ARM, writes on after the answer (" Manila.\n\nThe capital …") — is judged by its
+    first tokens, as an ARM is.  Read from the paradigm (``answer_eos``), else the
+    checkpoint's config (``dlmedit_answer_eos``; twins: ``dlmedit_twin``), else from
+    whether a window is known at all (``dlmedit_answer_window`` written by hand).
+    """
+    if answer_window_of(lm) is None:
+        return False
+    flag = getattr(lm.paradigm, "answer_eos", None)
+    if flag:
+        return True
+    config = getattr(lm.module, "config", None)
+    value = getattr(config, "dlmedit_answer_eos", None)
+    if value is not None:
+        return bool(value)
+    if isinstance(getattr(config, "dlmedit_twin", None), dict):
+        return True
+    return flag is None  # a paradigm that does not say (an ARM): a configured window means an EOS-padded one
+
+
 def target_length(lm: LanguageModel, record: EditRecord) -> int:
     """Length in tokens of target_new after the rewrite prompt (the by-length reporting unit)."""
     req = record.request
@@ -216,7 +241,7 @@ def generation_plan(lm: LanguageModel, n_target_tokens: int, settings: MeasureSe
     """(comparison mode, window in tokens) for generating a target of ``n_target_tokens``."""
     window = answer_window_of(lm)
     if window is not None:
-        mode, length = "eos", max(window, n_target_tokens + 1)
+        mode, length = ("eos" if answer_eos_of(lm) else "prefix"), max(window, n_target_tokens + 1)
     else:
         mode, length = "prefix", n_target_tokens + 2
     if settings.gen_window is not None:

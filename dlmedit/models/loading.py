@@ -302,7 +302,8 @@ def _find_mask_token(tokenizer: Any, config_value: int | None) -> int | None:
     return None
 
 
-def make_paradigm(kind: str, tokenizer: Any, mask_token_id: int | None, logit_shift: int, answer_window: int | None) -> Paradigm:
+def make_paradigm(kind: str, tokenizer: Any, mask_token_id: int | None, logit_shift: int, answer_window: int | None,
+                  answer_eos: bool = False) -> Paradigm:
     if kind == "arm":
         return ARParadigm()
     if kind == "mdm":
@@ -312,7 +313,8 @@ def make_paradigm(kind: str, tokenizer: Any, mask_token_id: int | None, logit_sh
                 "a masked-diffusion model needs a mask token: none in the config (mask_token_id) or tokenizer "
                 f"({', '.join(MASK_TOKEN_CANDIDATES)})"
             )
-        return MaskedDiffusionParadigm(mask, logit_shift=logit_shift, answer_window=answer_window)
+        return MaskedDiffusionParadigm(mask, logit_shift=logit_shift, answer_window=answer_window,
+                                       answer_eos=answer_eos)
     raise ValueError(f"unknown paradigm {kind!r}; use arm or mdm")
 
 
@@ -324,6 +326,7 @@ def wrap_model(
     mask_token_id: int | None = None,
     logit_shift: int | None = None,
     answer_window: int | None = None,
+    answer_eos: bool = False,
     name: str = "",
     prepend_bos: bool = False,
 ) -> LanguageModel:
@@ -331,7 +334,7 @@ def wrap_model(
     adapter = adapter_for_module(module)
     if logit_shift is None:
         logit_shift = 1 if adapter.family == "dream" else 0
-    para = make_paradigm(paradigm, tokenizer, mask_token_id, logit_shift, answer_window)
+    para = make_paradigm(paradigm, tokenizer, mask_token_id, logit_shift, answer_window, answer_eos)
     return LanguageModel(module, tokenizer, adapter, para, name=name or type(module).__name__, prepend_bos=prepend_bos)
 
 
@@ -447,11 +450,13 @@ def load_model(
     adapter = adapter_for_module(module)
     twin = cfg.get("dlmedit_twin") or {}
     answer_window = cfg.get("dlmedit_answer_window") or twin.get("answer_window")
+    # the twins are trained to EOS-pad their window; an adapted ARM just keeps writing
+    answer_eos = bool(cfg.get("dlmedit_answer_eos", bool(twin)))
     if mask_override is not None:
         rows = module.get_input_embeddings().num_embeddings
         if not 0 <= int(mask_override) < rows:
             raise DlmeditError(f"mask token id {mask_override} is outside the model's vocabulary (0..{rows - 1})")
-    para = make_paradigm(kind, tokenizer, mask_token_id, int(logit_shift), answer_window)
+    para = make_paradigm(kind, tokenizer, mask_token_id, int(logit_shift), answer_window, answer_eos)
     prepend_bos = bool(cfg.get("dlmedit_twin")) or bool(cfg.get("dlmedit_prepend_bos"))
     source = {"path": str(path), "model_type": model_type, "paradigm": kind, "logit_shift": int(logit_shift),
               "mask_token_id": getattr(para, "mask_token_id", None)}

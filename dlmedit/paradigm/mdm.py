@@ -9,6 +9,10 @@ correction of this project is simply *which* of those states an edit is fitted o
 up to a fixed window, as the built-in twins are) generate into a window of that
 size.  When set, every state carries the window's remaining slots as masks, so the
 states an edit is fitted or scored on are exactly those generation passes through.
+``answer_eos``: whether the window is EOS-padded after the answer (the twins) — then a
+generated window is judged whole, up to EOS.  A model adapted from an ARM (``smollm2-dream``)
+has a default window but keeps writing text after the answer, so its generations are
+judged by their first tokens, as an ARM's are.
 """
 
 from __future__ import annotations
@@ -34,16 +38,18 @@ class MaskedDiffusionParadigm(Paradigm):
     name = "mdm"
     has_intermediate_states = True
 
-    def __init__(self, mask_token_id: int, logit_shift: int = 0, answer_window: int | None = None) -> None:
+    def __init__(self, mask_token_id: int, logit_shift: int = 0, answer_window: int | None = None,
+                 answer_eos: bool = False) -> None:
         if logit_shift not in (0, 1):
             raise ValueError(f"logit_shift must be 0 (LLaDA) or 1 (Dream), got {logit_shift}")
         self.mask_token_id = int(mask_token_id)
         self.logit_shift = logit_shift
         self.answer_window = answer_window
+        self.answer_eos = bool(answer_eos and answer_window)
 
     def describe(self) -> dict[str, Any]:
         return {"paradigm": self.name, "mask_token_id": self.mask_token_id, "logit_shift": self.logit_shift,
-                "answer_window": self.answer_window}
+                "answer_window": self.answer_window, "answer_eos": self.answer_eos}
 
     # -- layout --------------------------------------------------------------------
     def window_for(self, target_len: int) -> int:

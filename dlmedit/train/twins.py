@@ -284,7 +284,8 @@ def recall(
     if paradigm not in ("arm", "mdm"):
         raise ValueError(f"recall paradigm must be arm or mdm, got {paradigm!r}")
     lm = wrap_model(model, tok, paradigm, mask_token_id=tok.mask_token_id,
-                    logit_shift=logit_shift if paradigm == "mdm" else 0, answer_window=window, prepend_bos=True)
+                    logit_shift=logit_shift if paradigm == "mdm" else 0, answer_window=window, answer_eos=True,
+                    prepend_bos=True)
     return recall_lm(lm, items, window=window, batch_size=batch_size)
 
 
