@@ -353,6 +353,15 @@ def test_cli_trace(tiny_checkpoints, tmp_path):
     bad = runner.invoke(app, ["trace", "--model", str(tiny_checkpoints["llama"]), "--prompt", PROMPT,
                               "--subject", "spain", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "SubjectNotFoundError" in bad.output and "'the', 'capital'" in bad.output
+    fast = runner.invoke(app, ["trace", "--model", str(tiny_checkpoints["dream"]), "--prompt", PROMPT, "--subject",
+                               "france", "--target", "paris", "--samples", "2", "--autocast", "bf16", "--target-window",
+                               "--out", str(tmp_path / "fast")])
+    assert fast.exit_code == 0, fast.output
+    settings = json.loads((tmp_path / "fast" / "trace.json").read_text())["settings"]
+    assert settings["autocast"] == "bf16" and settings["target_window"] is True
+    wrong = runner.invoke(app, ["trace", "--model", str(tiny_checkpoints["dream"]), "--prompt", PROMPT, "--subject",
+                                "france", "--autocast", "int8", "--out", str(tmp_path / "wrong")])
+    assert wrong.exit_code == 2 and "--autocast" in wrong.output
 
 
 def test_default_window_scales_with_depth(tiny_models):
@@ -363,3 +372,24 @@ def test_default_window_scales_with_depth(tiny_models):
     assert plan.window == default_window(tiny_models["llama"].n_layers)
     with pytest.raises(ValueError, match="window"):
         build_plan(tiny_models["llama"], PROMPT, SUBJECT, TARGET, samples=1, window=0)
+
+
+@pytest.mark.filterwarnings("ignore:the model does not predict")
+def test_target_window_drops_answer_padding_and_autocast_stays_close(tiny_models, monkeypatch):
+    """target_window: only the target's slots are traced (fewer columns); bf16 autocast: same trace within 0.05."""
+    lm = tiny_models["dream"]
+    monkeypatch.setattr(lm.paradigm, "answer_window", 6)
+    config = TraceConfig(seed=0, samples=2, sites=("mlp_out",))
+    padded = trace_fact(lm, PROMPT, SUBJECT, "paris", config)
+    bare = trace_fact(lm, PROMPT, SUBJECT, "paris", TraceConfig(**{**config.__dict__, "target_window": True}))
+    assert padded.scores["mlp_out"].shape[0] == bare.scores["mlp_out"].shape[0] + 5  # 6 slots vs the target's 1
+    assert lm.paradigm.answer_window == 6  # the model itself is untouched
+    monkeypatch.setattr(lm.paradigm, "answer_window", None)
+    plain = trace_fact(lm, PROMPT, SUBJECT, "paris", config)
+    np.testing.assert_allclose(bare.scores["mlp_out"], plain.scores["mlp_out"], atol=TOL, rtol=0)
+    fast = trace_fact(lm, PROMPT, SUBJECT, "paris", TraceConfig(**{**config.__dict__, "autocast": "bf16"}))
+    assert fast.scores["mlp_out"].shape == plain.scores["mlp_out"].shape
+    np.testing.assert_allclose(fast.scores["mlp_out"], plain.scores["mlp_out"], atol=0.05, rtol=0)
+    assert not np.array_equal(fast.scores["mlp_out"], plain.scores["mlp_out"])  # it did run in bf16
+    with pytest.raises(ValueError, match="autocast"):
+        trace_fact(lm, PROMPT, SUBJECT, "paris", TraceConfig(**{**config.__dict__, "autocast": "int8"}))

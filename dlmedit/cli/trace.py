@@ -42,6 +42,10 @@ def trace_command(
     noise: float = typer.Option(3.0, "--noise", help="noise std as a multiple of the subject-embedding std"),
     noise_std: float = typer.Option(None, "--noise-std", help="absolute noise std (overrides --noise)"),
     seed: int = typer.Option(0, "--seed"),
+    autocast: str = typer.Option(None, "--autocast", help="bf16: every forward under bfloat16 autocast (faster on "
+                                 "CPUs with AMX; effects move in the 3rd decimal)"),
+    target_window: bool = typer.Option(False, "--target-window", help="MDMs with a fixed answer window: trace only "
+                                       "the target's slots, without the window's padding masks (much faster)"),
     plot_facts: int = typer.Option(5, "--plot-facts", help="per-fact heatmaps for the first N facts"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     tokenizer: str = tokenizer_option(),
@@ -55,6 +59,8 @@ def trace_command(
                      texts={"--prompt": prompt, "--subject": subject, "--target": target, "--facts": facts})
     if plot_facts < 0:
         raise typer.BadParameter(f"--plot-facts must be ≥ 0, got {plot_facts}")
+    if autocast not in (None, "bf16", "fp16"):
+        raise typer.BadParameter(f"--autocast must be bf16 or fp16, got {autocast!r}")
     check_trace_options(prompt=prompt, subject=subject, facts=facts, limit=limit, sites=sites, window=window,
                         samples=samples, noise=noise, noise_std=noise_std, readout=readout)
     seed_everything(seed)
@@ -62,7 +68,8 @@ def trace_command(
     lm = load_model(model, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
     options = {"model": model, "prompt": prompt, "subject": subject, "target": target, "facts": facts,
                "fact_list": fact_list, "limit": limit, "sites": sites, "temporal": temporal, "readout": readout,
-               "window": window, "samples": samples, "noise": noise, "noise_std": noise_std, "seed": seed}
+               "window": window, "samples": samples, "noise": noise, "noise_std": noise_std, "seed": seed,
+               "autocast": autocast, "target_window": target_window}
     if fact_list is None:
         result = run_trace(lm, **options)
     else:

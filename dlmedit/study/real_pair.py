@@ -136,6 +136,8 @@ def real_pair_defaults(quick: bool, n_edits: int) -> dict[str, Any]:
         "n_trace": 4 if quick else 50,
         "n_temporal": 2 if quick else 12,
         "trace_samples": 3 if quick else 10,
+        "trace_autocast": "bf16",  # ≈ 1.5–8× faster on CPUs; effects move by < 0.005 (measured on smollm2-dream)
+        "trace_target_window": True,  # the target's slots only: ≈ 13× faster on smollm2-dream, same peak
         "n_edits": n_edits,
         "n_neighbours": 2 if quick else 4,
         "methods": ["rome"] if quick else ["rome", "memit"],
@@ -353,11 +355,14 @@ def trace_part(ctx: StageContext, lm: Any, facts: list[tuple[str, str, str]], op
     from dlmedit.trace.plots import plot_average, plot_temporal_average
 
     samples = int(opts["trace_samples"])
-    traces, failures = trace_facts(lm, facts, TraceConfig(seed=ctx.seed, samples=samples))
+    base = TraceConfig(seed=ctx.seed, samples=samples, autocast=opts["trace_autocast"] or None,
+                       target_window=bool(opts["trace_target_window"]))
+    traces, failures = trace_facts(lm, facts, base)
     correct = [t for t in traces if t.correct]
     used = correct or traces
     out: dict[str, Any] = {"n_facts": len(traces), "n_correct": len(correct), "n_failed": len(failures),
-                           "facts_used": "correct" if correct else "all"}
+                           "facts_used": "correct" if correct else "all", "samples": samples,
+                           "autocast": base.autocast, "target_window": base.target_window}
     if not used:
         return out
     avg = average_traces(used)
@@ -369,7 +374,7 @@ def trace_part(ctx: StageContext, lm: Any, facts: list[tuple[str, str, str]], op
         out["plot"] = f"{tag}_average.png"
     n_temporal = min(int(opts["n_temporal"]), len(facts))
     if lm.paradigm.has_intermediate_states and n_temporal > 0:
-        temporal, _ = trace_facts(lm, facts[:n_temporal], TraceConfig(seed=ctx.seed, temporal=True, samples=samples))
+        temporal, _ = trace_facts(lm, facts[:n_temporal], dataclasses.replace(base, temporal=True))
         used_t = [t for t in temporal if t.correct and t.temporal] or [t for t in temporal if t.temporal]
         if used_t:
             tavg = average_temporal(used_t)

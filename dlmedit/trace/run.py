@@ -109,6 +109,8 @@ def run_trace(
     noise: float = 3.0,
     noise_std: float | None = None,
     seed: int = 0,
+    autocast: str | None = None,
+    target_window: bool = False,
     progress: Callable[[], None] | None = None,
 ) -> TraceResult:
     """Trace one fact (``prompt``/``subject``/``target``) or a fact set and build the ``trace.json`` document.
@@ -123,7 +125,7 @@ def run_trace(
                                     limit=limit, sites=sites, window=window, samples=samples, noise=noise,
                                     noise_std=noise_std, readout=readout)
     config = TraceConfig(sites=site_list, window=window, samples=samples, noise=noise, noise_std=noise_std,
-                         seed=seed, readout=readout, temporal=temporal)
+                         seed=seed, readout=readout, temporal=temporal, autocast=autocast, target_window=target_window)
     if prompt is not None:
         assert subject is not None
         traces, failures = [trace_fact(lm, prompt, subject, target, config)], []
@@ -147,7 +149,7 @@ def run_trace(
         "n_layers": lm.n_layers,
         "settings": {"sites": list(site_list), "window": window, "samples": samples, "noise": noise,
                      "noise_std": traces[0].noise_std, "seed": seed, "readout": readout, "temporal": temporal,
-                     "facts": facts, "limit": limit,
+                     "autocast": autocast, "target_window": target_window, "facts": facts, "limit": limit,
                      "noise_std_source": "given" if noise_std is not None else
                      f"{noise} x std of the embeddings of all traced subjects' tokens"},
         "axes": {"site": list(site_list), "layer": list(range(lm.n_layers)), "category": list(CATEGORIES),
