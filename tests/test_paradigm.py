@@ -198,3 +198,18 @@ def test_state_validation():
     with pytest.raises(ValueError):
         TargetState((1,), (2, 3), (False,))
     assert math.isfinite(log_mean_exp([-1.0, -2.0]))
+
+
+def test_generate_length_sets_the_default_window_without_padding_states(tiny_models, monkeypatch):
+    """smollm2-dream's 16: a default for generate, never padding in the states edits are fitted on."""
+    lm = tiny_models["llada"]
+    monkeypatch.setattr(lm.paradigm, "generate_length", 5)
+    assert lm.paradigm.default_new_tokens == 5
+    out = lm.generate([PROMPT], steps=5)
+    assert len(out.token_ids[0]) == 5
+    row, readout = lm.paradigm.state_row(lm.paradigm.final_state(*lm.encode_pair(PROMPT, " paris")))
+    assert len(row) == len(lm.encode_prompt(PROMPT)) + 1 and len(readout) == 1
+    monkeypatch.setattr(lm.paradigm, "answer_window", 4)  # a twin's window pads the states and wins as the default
+    assert lm.paradigm.default_new_tokens == 4
+    row, _ = lm.paradigm.state_row(lm.paradigm.final_state(*lm.encode_pair(PROMPT, " paris")))
+    assert len(row) == len(lm.encode_prompt(PROMPT)) + 4

@@ -28,9 +28,9 @@ ADAPTER_META = "dlmedit_adapter.json"
 MASK_FILE = "mask_embedding.safetensors"
 _PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 #: bumped whenever what :func:`merged_checkpoint` writes changes, so stale merged caches are rebuilt
-MERGE_VERSION = 3
+MERGE_VERSION = 4
 #: tokens `generate` denoises when the caller gives no length (LLaDA's default of 128 is slow on a CPU)
-DEFAULT_ANSWER_WINDOW = 16
+DEFAULT_GENERATE_LENGTH = 16
 
 
 def save_artifact(peft_model: Any, mask_embedding: torch.Tensor, meta: dict[str, Any], out: Path,
@@ -92,7 +92,7 @@ def merged_checkpoint(adapter_dir: Path, base_dir: Path, cache_root: Path) -> Pa
         cfg.dlmedit_attention_openness = float(meta["openness"])
         cfg.dlmedit_attention_masks_see_all = bool(meta.get("masks_see_all", False))
     for key, value in {"dlmedit_paradigm": "mdm", "logit_shift": int(meta.get("logit_shift", 1)),
-                       "mask_token_id": mask_id, "dlmedit_answer_window": DEFAULT_ANSWER_WINDOW, "dlmedit_answer_eos": False,
+                       "mask_token_id": mask_id, "dlmedit_generate_length": DEFAULT_GENERATE_LENGTH,
                        "dlmedit_adapter": meta}.items():
         setattr(cfg, key, value)
     with atomic_dir(target) as tmp:

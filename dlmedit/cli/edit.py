@@ -187,7 +187,7 @@ def apply_command(
         raise typer.BadParameter("the delta records no requests; pass --prompt")
     handle = delta.apply(lm.module, check_model=not force)
     try:
-        window = max_new_tokens or getattr(lm.paradigm, "answer_window", None) or 8
+        window = max_new_tokens or getattr(lm.paradigm, "default_new_tokens", None) or 8
         gen = lm.generate(prompts, window)
         rows: list[dict[str, Any]] = [{"prompt": p, "generation": t} for p, t in zip(prompts, gen.texts, strict=True)]
         if target:

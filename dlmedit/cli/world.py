@@ -101,7 +101,7 @@ def recall_command(
             raise typer.BadParameter(f"{name} must be at least 1, got {value}")
     seed_everything(seed)
     lm = load_model(model, tokenizer=tokenizer)
-    window = getattr(lm.paradigm, "answer_window", None) or getattr(lm.module.config, "dlmedit_answer_window", None) or 8
+    window = getattr(lm.paradigm, "default_new_tokens", None) or getattr(lm.module.config, "dlmedit_answer_window", None) or 8
     items = recall_items(build_world(0), max_facts=limit, seed=seed)
     start = time.perf_counter()
     res = recall_lm(lm, items, window=window, batch_size=batch_size)

@@ -303,7 +303,7 @@ def _find_mask_token(tokenizer: Any, config_value: int | None) -> int | None:
 
 
 def make_paradigm(kind: str, tokenizer: Any, mask_token_id: int | None, logit_shift: int, answer_window: int | None,
-                  answer_eos: bool = False) -> Paradigm:
+                  answer_eos: bool = False, generate_length: int | None = None) -> Paradigm:
     if kind == "arm":
         return ARParadigm()
     if kind == "mdm":
@@ -314,7 +314,7 @@ def make_paradigm(kind: str, tokenizer: Any, mask_token_id: int | None, logit_sh
                 f"({', '.join(MASK_TOKEN_CANDIDATES)})"
             )
         return MaskedDiffusionParadigm(mask, logit_shift=logit_shift, answer_window=answer_window,
-                                       answer_eos=answer_eos)
+                                       answer_eos=answer_eos, generate_length=generate_length)
     raise ValueError(f"unknown paradigm {kind!r}; use arm or mdm")
 
 
@@ -456,7 +456,8 @@ def load_model(
         rows = module.get_input_embeddings().num_embeddings
         if not 0 <= int(mask_override) < rows:
             raise DlmeditError(f"mask token id {mask_override} is outside the model's vocabulary (0..{rows - 1})")
-    para = make_paradigm(kind, tokenizer, mask_token_id, int(logit_shift), answer_window, answer_eos)
+    para = make_paradigm(kind, tokenizer, mask_token_id, int(logit_shift), answer_window, answer_eos,
+                         cfg.get("dlmedit_generate_length"))
     prepend_bos = bool(cfg.get("dlmedit_twin")) or bool(cfg.get("dlmedit_prepend_bos"))
     source = {"path": str(path), "model_type": model_type, "paradigm": kind, "logit_shift": int(logit_shift),
               "mask_token_id": getattr(para, "mask_token_id", None)}

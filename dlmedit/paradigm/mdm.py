@@ -13,6 +13,9 @@ states an edit is fitted or scored on are exactly those generation passes throug
 generated window is judged whole, up to EOS.  A model adapted from an ARM (``smollm2-dream``)
 has a default window but keeps writing text after the answer, so its generations are
 judged by their first tokens, as an ARM's are.
+``generate_length``: how many masks ``generate`` denoises when the caller gives no
+length, for a model with no answer window (``smollm2-dream``: 16).  Unlike
+``answer_window`` it adds no padding to the states edits are fitted and scored on.
 """
 
 from __future__ import annotations
@@ -39,17 +42,24 @@ class MaskedDiffusionParadigm(Paradigm):
     has_intermediate_states = True
 
     def __init__(self, mask_token_id: int, logit_shift: int = 0, answer_window: int | None = None,
-                 answer_eos: bool = False) -> None:
+                 answer_eos: bool = False, generate_length: int | None = None) -> None:
         if logit_shift not in (0, 1):
             raise ValueError(f"logit_shift must be 0 (LLaDA) or 1 (Dream), got {logit_shift}")
         self.mask_token_id = int(mask_token_id)
         self.logit_shift = logit_shift
         self.answer_window = answer_window
         self.answer_eos = bool(answer_eos and answer_window)
+        self.generate_length = generate_length
+
+    @property
+    def default_new_tokens(self) -> int | None:
+        """Masks ``generate`` denoises when no length is given: the answer window, else ``generate_length``."""
+        return self.answer_window or self.generate_length
 
     def describe(self) -> dict[str, Any]:
         return {"paradigm": self.name, "mask_token_id": self.mask_token_id, "logit_shift": self.logit_shift,
-                "answer_window": self.answer_window, "answer_eos": self.answer_eos}
+                "answer_window": self.answer_window, "answer_eos": self.answer_eos,
+                "generate_length": self.generate_length}
 
     # -- layout --------------------------------------------------------------------
     def window_for(self, target_len: int) -> int:
@@ -253,7 +263,7 @@ class MaskedDiffusionParadigm(Paradigm):
         ``sampler="dream"``: Dream's ``alg`` ∈ origin / maskgit_plus / topk_margin /
         entropy.  Defaults: window = answer window, one token per step, one block.
         """
-        gen_length = max_new_tokens or self.answer_window
+        gen_length = max_new_tokens or self.default_new_tokens
         if not gen_length or gen_length <= 0:
             raise ValueError("max_new_tokens must be a positive number of tokens to generate")
         steps = steps or gen_length

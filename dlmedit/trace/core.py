@@ -512,7 +512,7 @@ def predict_target(lm: LanguageModel, prompt: str, max_new_tokens: int | None = 
 
     Used when a fact has no target: tracing then explains what the model actually says.
     """
-    n = max_new_tokens or getattr(lm.paradigm, "answer_window", None) or 8
+    n = max_new_tokens or getattr(lm.paradigm, "default_new_tokens", None) or 8
     text = lm.generate([prompt], n).texts[0]
     text = text.split("\n")[0]
     for stop in (". ", ", ", "; "):

@@ -285,7 +285,7 @@ def evaluate_unlearning(
 
 def _generation_scores(lm: LanguageModel, sets: EvalSets) -> dict[str, Any]:
     """ROUGE-L recall of generated answers (greedy / iterative denoising at the paradigm's defaults)."""
-    window = getattr(lm.paradigm, "answer_window", None) or 8
+    window = getattr(lm.paradigm, "default_new_tokens", None) or 8
     out: dict[str, Any] = {}
     for name, items in (("forget", sets.forget), ("retain", sets.retain), ("utility", sets.utility)):
         if not items:
