@@ -81,9 +81,9 @@ class TraceConfig:
     #: and an indirect effect averaged over facts does not need fp32's last digits.  None: fp32.
     autocast: str | None = None
     #: trace the state with only the target's own slots masked, without a model's fixed answer
-    #: window of padding masks (``answer_window``).  Why: the cost grows with the columns traced
-    #: and the row length, and for a model adapted from an ARM (``smollm2-dream``, trained on
-    #: suffix spans of any length) the padding slots carry no answer; twins keep their window.
+    #: window of padding masks (``answer_window``, e.g. the twins' 7).  Why: the cost grows with the
+    #: columns traced and the row length (a 16-slot window made one smollm2 fact 13× slower to
+    #: trace, with the same peak); the price is not seeing what the padding slots do.
     target_window: bool = False
 
 
