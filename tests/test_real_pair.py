@@ -96,6 +96,10 @@ def test_real_pair_stage_produces_every_table_with_n_and_intervals(tiny_models, 
     assert set(mdm["edits"]["multi"]["runs"]) == {"rome/final", "rome/partial+keys", "memit/final"}
     # the tiny dream is fully bidirectional: its subject key moves with the state; the ARM has one state
     assert mdm["key_spread"]["max_relative_change"]["partial"] > 1e-4 and "key_spread" not in arm
+    # 1-token new targets have one state: the MDM's other state choices are the final fit, not run twice
+    assert mdm["edits"]["single"]["same_as_final"] == ["rome/partial+keys"]
+    assert set(mdm["edits"]["single"]["runs"]) == {"rome/final", "memit/final"}
+    assert (tmp_path / "stages" / "real_model" / "tiny_dream__seed0_trace.json").is_file()  # a restart reuses it
     keyed = mdm["edits"]["multi"]["runs"]["rome/partial+keys"]
     assert (keyed["target_states"], keyed["key_states"]) == ("partial", "partial")
     assert sorted(keyed["values"]["GenEM"]) == ["2", "all"] and len(keyed["values"]["GenEM"]["all"]) == 2
