@@ -393,3 +393,19 @@ def test_target_window_drops_answer_padding_and_autocast_stays_close(tiny_models
     assert not np.array_equal(fast.scores["mlp_out"], plain.scores["mlp_out"])  # it did run in bf16
     with pytest.raises(ValueError, match="autocast"):
         trace_fact(lm, PROMPT, SUBJECT, "paris", TraceConfig(**{**config.__dict__, "autocast": "int8"}))
+
+
+@pytest.mark.filterwarnings("ignore:the model does not predict")
+def test_temporal_peak_ignores_steps_few_facts_reach(tiny_models):
+    """Mixed target lengths: a step only the longest target reaches must not hold the average's peak."""
+    from dlmedit.trace import average_temporal
+
+    cfg = TraceConfig(samples=2, window=2, temporal=True)
+    lm = tiny_models["llada"]
+    short = [trace_fact(lm, PROMPT, SUBJECT, "paris", cfg) for _ in range(2)]
+    long = trace_fact(lm, PROMPT, SUBJECT, TARGET, cfg)
+    for site in long.sites:  # make the long target's last step dominate everything
+        long.temporal[-1].scores[site] = long.temporal[-1].scores[site] + 100.0
+    avg = average_temporal([*short, long])
+    assert avg["facts_per_step"][:2] == [3, 1] and avg["peak_steps"] == [0]
+    assert avg["peak"]["step"] == 0 and avg["peak"]["effect"] < 50

@@ -275,12 +275,18 @@ def average_temporal(traces: Sequence[FactTrace]) -> dict[str, Any]:
     out: dict[str, Any] = {"n_facts": len(traces), "axes": {"effect": ["step", "category", "layer"]},
                            "effect": {}, "facts_per_step": [], "peak": None}
     best: dict[str, Any] | None = None
+    # the peak is looked for only at steps at least half the facts reach: with targets of mixed
+    # length, a late step averages the few longest targets, and its maximum would be one fact's
+    covered = np.array([sum(len(t.temporal or []) > k for t in traces) for k in range(n_steps)])
+    eligible = covered >= max(1, -(-len(traces) // 2))
+    out["peak_steps"] = np.flatnonzero(eligible).tolist()
     for site in sites:
         mean, counts = _nanmean(stacks[site])
         out["effect"][site] = mean
         out["facts_per_step"] = counts.max(axis=(1, 2)).tolist()
-        if not np.all(np.isnan(mean)):
-            k, c, layer = np.unravel_index(int(np.nanargmax(mean)), mean.shape)
+        masked = np.where(eligible[:, None, None], mean, np.nan)
+        if not np.all(np.isnan(masked)):
+            k, c, layer = np.unravel_index(int(np.nanargmax(masked)), masked.shape)
             if best is None or mean[k, c, layer] > best["effect"]:
                 best = {"site": site, "step": int(k), "category": CATEGORIES[c], "layer": int(layer),
                         "effect": float(mean[k, c, layer])}
