@@ -127,15 +127,22 @@ def test_real_pair_stage_produces_every_table_with_n_and_intervals(tiny_models, 
         for method in entry["unlearning"]["methods"].values():
             assert all(_interval(method[k]) for k in ("forget_lp_drop", "d_retain_lp", "d_utility_lp"))
     assert _interval(real["tiny:dream"]["trace"]["temporal"]["effect"])
+    # the state choices are compared with final record by record (same records, paired)
+    paired = real["tiny:dream"]["edits"]["multi"]["vs_final"]
+    assert set(paired) == {"rome/partial+keys"} and paired["rome/partial+keys"]["against"] == "rome/final"
+    assert paired["rome/partial+keys"]["n"] == 2 and _interval(paired["rome/partial+keys"])
+    assert real["tiny:llama"]["edits"]["multi"]["vs_final"] == {}
     text = " ".join(statements(summary))
     assert "tiny:dream: rome/final exact match by generation" in text
     assert "multi-token exact match by generation" in text and "fitting on partial+keys states" in text
     assert "The MLP peak layer" in text and "on multi-token new targets" in text
+    assert "rome/partial+keys minus rome/final on the same records" in text and "exact sign test p = " in text
     assert "memory gate 0.85" in text and "(n = 2 answers" in text
     _, md = write_report(tmp_path, summary, collected, versions(), 1.0)
     report = md.read_text()
     assert "5. Real models: causal tracing, single- vs multi-token edits and forgetting" in report
     assert "| tiny:dream | multi | rome/partial+keys |" in report
+    assert "| tiny:dream | multi | rome/partial+keys − rome/final |" in report
     assert "(n=2)" in report and "memory α=2" in report and "mlp_out (peak)" in report
     assert "tiny:dream: the edit key k* at layer" in report and "The key depends on the state" in report
 

@@ -16,6 +16,7 @@ from dlmedit.evaluate.stats import (
     compare_phrase,
     estimate_text,
     interval_order,
+    paired_change,
     pooled_ci,
     sign_phrase,
     top_phrase,
@@ -160,6 +161,24 @@ def test_pooled_and_ratio_intervals() -> None:
 
 def _entry(mean: float, half: float, n: int) -> dict:
     return {"mean": mean, "low": max(0.0, mean - half), "high": min(1.0, mean + half), "n": n, "unit": "facts"}
+
+
+def test_paired_change_separates_what_overlapping_marginal_intervals_hide() -> None:
+    # 16 records: final generates 7, trajectory 14 — 8 gained, 1 lost (the smollm2-dream pattern)
+    final = [1.0] * 6 + [0.0] * 8 + [1.0] + [0.0]
+    traj = [1.0] * 6 + [1.0] * 8 + [0.0] + [0.0]
+    marginal_a, marginal_b = pooled_ci([traj], unit="facts"), pooled_ci([final], unit="facts")
+    assert marginal_a["low"] < marginal_b["high"]  # the marginal intervals overlap
+    d = paired_change(traj, final, unit="facts")
+    assert (d["rose"], d["fell"], d["n"]) == (8, 1, 16) and d["mean"] == pytest.approx(7 / 16)
+    assert d["low"] > 0 and d["sign_test_p"] == pytest.approx(0.0390625)  # 2 * P(X <= 1), X ~ Bin(9, 1/2)
+    assert "is higher by 0.44" in sign_phrase(d, what="trajectory minus final", positive="is higher by",
+                                              negative="is lower by")
+    same = paired_change(final, final, unit="facts")
+    assert same["mean"] == 0.0 and (same["rose"], same["fell"], same["sign_test_p"]) == (0, 0, 1.0)
+    assert paired_change([], [], unit="facts")["mean"] is None
+    with pytest.raises(ValueError, match="equally long"):
+        paired_change([1.0], [1.0, 0.0], unit="facts")
 
 
 def test_em_by_length_plot_draws_intervals_n_and_keeps_coinciding_lines_apart() -> None:

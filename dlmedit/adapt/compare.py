@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from dlmedit.adapt.trainer import recall_by_denoising
-from dlmedit.evaluate.stats import wilson_interval
+from dlmedit.evaluate.stats import wilson_ci
 
 __all__ = ["heldout_nll", "pair_recall"]
 
@@ -39,7 +39,7 @@ def pair_recall(arm: Any, mdm: Any, facts: list[Any]) -> dict[str, Any]:
             cell = cells.setdefault(key, [0, 0])
             cell[0] += int(hit)
             cell[1] += 1
-    table = {key: {"mdm_hits": h, "n": n, "mdm_recall": h / n, "ci95": list(wilson_interval(h, n))}
+    table = {key: {"mdm_hits": h, "n": n, "mdm_recall": h / n, "ci95": list(wilson_ci(h, n))}
              for key, (h, n) in sorted(cells.items())}
     return {"n_candidates": len(facts), "arm_known": len(known), "table": table,
             "examples": [{"prompt": f.prompt, "object": f.object, "mdm_correct": bool(h)}
