@@ -99,7 +99,9 @@ def test_real_pair_stage_produces_every_table_with_n_and_intervals(tiny_models, 
     # 1-token new targets have one state: the MDM's other state choices are the final fit, not run twice
     assert mdm["edits"]["single"]["same_as_final"] == ["rome/partial+keys"]
     assert set(mdm["edits"]["single"]["runs"]) == {"rome/final", "memit/final"}
-    assert (tmp_path / "stages" / "real_model" / "tiny_dream__seed0_trace.json").is_file()  # a restart reuses it
+    for part in ("trace", "temporal"):  # a restart reuses them
+        assert (tmp_path / "stages" / "real_model" / f"tiny_dream__seed0_{part}.json").is_file()
+    assert not (tmp_path / "stages" / "real_model" / "tiny_llama__seed0_temporal.json").exists()
     keyed = mdm["edits"]["multi"]["runs"]["rome/partial+keys"]
     assert (keyed["target_states"], keyed["key_states"]) == ("partial", "partial")
     assert sorted(keyed["values"]["GenEM"]) == ["2", "all"] and len(keyed["values"]["GenEM"]["all"]) == 2
@@ -141,6 +143,8 @@ def test_real_pair_stage_produces_every_table_with_n_and_intervals(tiny_models, 
     _, md = write_report(tmp_path, summary, collected, versions(), 1.0)
     report = md.read_text()
     assert "5. Real models: causal tracing, single- vs multi-token edits and forgetting" in report
+    assert "models: tiny:llama, tiny:dream;" in report  # the models that ran, not the config's twins
+    assert "Facts: countryinfo country facts (capital)" in report
     assert "| tiny:dream | multi | rome/partial+keys |" in report
     assert "| tiny:dream | multi | rome/partial+keys − rome/final |" in report
     assert "(n=2)" in report and "memory α=2" in report and "mlp_out (peak)" in report
@@ -245,3 +249,26 @@ def test_smollm2_pair_section_end_to_end(tmp_path) -> None:
         assert entry["edits"]["single"]["runs"]["rome/final"]["GenEM"]["all"]["n"] == 3
         assert entry["unlearning"]["methods"]["memory"]["forget_lp_drop"]["n"] >= 2
     assert "temporal" in summary["real_model"]["smollm2-dream"]["trace"]
+
+
+def test_saved_parts_are_reused_only_for_the_same_identity(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    logged: list[str] = []
+    ctx = SimpleNamespace(model="m", log=logged.append)
+    path = tmp_path / "part.json"
+    calls: list[int] = []
+
+    def compute() -> dict:
+        calls.append(1)
+        return {"peak": len(calls)}
+
+    identity = {"facts": [("p", "s", "o")], "samples": 5, "peak_rule": real_pair.TEMPORAL_PEAK_RULE}
+    assert real_pair.saved_part(ctx, path, identity, compute, "tracing") == {"peak": 1}
+    assert real_pair.saved_part(ctx, path, identity, compute, "tracing") == {"peak": 1}  # reused (tuples as lists)
+    assert len(calls) == 1 and logged == ["real_model · m · tracing"]
+    # a result derived by an older rule (or with other options / facts) is recomputed, not reused
+    assert real_pair.saved_part(ctx, path, {**identity, "peak_rule": 1}, compute, "tracing") == {"peak": 2}
+    path.write_text("{not json")  # a corrupt file is recomputed too
+    assert real_pair.saved_part(ctx, path, identity, compute, "tracing") == {"peak": 3}
+    assert json.loads(path.read_text())["identity"]["peak_rule"] == real_pair.TEMPORAL_PEAK_RULE

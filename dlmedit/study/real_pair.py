@@ -363,19 +363,17 @@ def peak_bootstrap(grids: Sequence[Any], seed: int = 0, n_resamples: int = 1000)
 
 def trace_part(ctx: StageContext, lm: Any, facts: list[tuple[str, str, str]], opts: dict[str, Any],
                tag: str) -> dict[str, Any]:
-    """Causal trace of ``facts`` (prompt, subject, true object), per-fact MLP grids kept; temporal trace for MDMs."""
-    from dlmedit.study.stages import temporal_peak_values, trace_peak_values, trace_peaks
-    from dlmedit.trace import TraceConfig, average_temporal, average_traces, trace_facts
-    from dlmedit.trace.plots import plot_average, plot_temporal_average
+    """Causal trace of ``facts`` (prompt, subject, true object), per-fact MLP grids kept."""
+    from dlmedit.study.stages import trace_peak_values, trace_peaks
+    from dlmedit.trace import average_traces, trace_facts
+    from dlmedit.trace.plots import plot_average
 
-    samples = int(opts["trace_samples"])
-    base = TraceConfig(seed=ctx.seed, samples=samples, autocast=opts["trace_autocast"] or None,
-                       target_window=bool(opts["trace_target_window"]))
+    base = _trace_config(ctx, opts)
     traces, failures = trace_facts(lm, facts, base)
     correct = [t for t in traces if t.correct]
     used = correct or traces
     out: dict[str, Any] = {"n_facts": len(traces), "n_correct": len(correct), "n_failed": len(failures),
-                           "facts_used": "correct" if correct else "all", "samples": samples,
+                           "facts_used": "correct" if correct else "all", "samples": base.samples,
                            "autocast": base.autocast, "target_window": base.target_window}
     if not used:
         return out
@@ -386,19 +384,59 @@ def trace_part(ctx: StageContext, lm: Any, facts: list[tuple[str, str, str]], op
     if avg.get("peak"):
         plot_average(avg, ctx.out_dir / f"{tag}_average.png", title=f"{ctx.model}: country facts,")
         out["plot"] = f"{tag}_average.png"
-    n_temporal = min(int(opts["n_temporal"]), len(facts))
-    if lm.paradigm.has_intermediate_states and n_temporal > 0:
-        temporal, _ = trace_facts(lm, facts[:n_temporal], dataclasses.replace(base, temporal=True))
-        used_t = [t for t in temporal if t.correct and t.temporal] or [t for t in temporal if t.temporal]
-        if used_t:
-            tavg = average_temporal(used_t)
-            if tavg.get("peak"):
-                plot_temporal_average(tavg, ctx.out_dir / f"{tag}_temporal.png",
-                                      title=f"{ctx.model}: temporal indirect effect")
-                out["temporal"] = {"n_facts": len(used_t), "peak": tavg["peak"], "plot": f"{tag}_temporal.png",
-                                   "peak_effect": temporal_peak_values(used_t, tavg["peak"], ctx.seed),
-                                   "facts_per_step": tavg.get("facts_per_step")}
     return out
+
+
+def temporal_part(ctx: StageContext, lm: Any, facts: list[tuple[str, str, str]], opts: dict[str, Any],
+                  tag: str) -> dict[str, Any] | None:
+    """The MDM's temporal trace of ``facts``: the effect at every denoising step (peak over steps ≥ half the facts reach)."""
+    from dlmedit.study.stages import temporal_peak_values
+    from dlmedit.trace import average_temporal, trace_facts
+    from dlmedit.trace.plots import plot_temporal_average
+
+    temporal, _ = trace_facts(lm, facts, dataclasses.replace(_trace_config(ctx, opts), temporal=True))
+    used = [t for t in temporal if t.correct and t.temporal] or [t for t in temporal if t.temporal]
+    if not used:
+        return None
+    tavg = average_temporal(used)
+    if not tavg.get("peak"):
+        return None
+    plot_temporal_average(tavg, ctx.out_dir / f"{tag}_temporal.png", title=f"{ctx.model}: temporal indirect effect")
+    return {"n_facts": len(used), "peak": tavg["peak"], "plot": f"{tag}_temporal.png",
+            "peak_effect": temporal_peak_values(used, tavg["peak"], ctx.seed),
+            "facts_per_step": tavg.get("facts_per_step"), "peak_steps": tavg.get("peak_steps")}
+
+
+def _trace_config(ctx: StageContext, opts: dict[str, Any]) -> Any:
+    from dlmedit.trace import TraceConfig
+
+    return TraceConfig(seed=ctx.seed, samples=int(opts["trace_samples"]), autocast=opts["trace_autocast"] or None,
+                       target_window=bool(opts["trace_target_window"]))
+
+
+def saved_part(ctx: StageContext, path: Any, identity: dict[str, Any], compute: Any, what: str) -> Any:
+    """``compute()``'s result, reused from ``path`` when it was saved for the same ``identity``.
+
+    Why: the trace parts of a real-model cell take tens of minutes on a CPU; a cell restarted
+    after a kill (or after a later part failed) should not redo them.  The identity holds
+    everything the result depends on — the facts, the options and, for results derived by a
+    rule that may change (the temporal peak), the rule's version — so a stale file is redone,
+    never reused.  Written atomically.
+    """
+    from dlmedit.cache import atomic_write_json
+
+    identity = json.loads(json.dumps(identity))
+    saved = _load_json(path)
+    if saved and saved.get("identity") == identity:
+        return saved["result"]
+    ctx.log(f"real_model · {ctx.model} · {what}")
+    result = compute()
+    atomic_write_json(path, {"identity": identity, "result": result})
+    return result
+
+
+#: version of the temporal peak rule; a saved temporal trace of another version is recomputed
+TEMPORAL_PEAK_RULE = 2
 
 
 # ----------------------------------------------------------------------------- 2. edits
@@ -597,7 +635,6 @@ def unlearn_part(ctx: StageContext, lm: Any, known: dict[str, list[tuple[str, st
 # ----------------------------------------------------------------------------- the stage
 def real_pair_stage(ctx: StageContext) -> dict[str, Any]:
     """One model's cell of the real-model section (see the module docstring)."""
-    from dlmedit.cache import atomic_write_json
     from dlmedit.study.stages import load_cached, stage_options
 
     opts = stage_options(ctx, "real_model", real_pair_defaults(ctx.config.quick, ctx.config.n_real_facts))
@@ -624,16 +661,17 @@ def real_pair_stage(ctx: StageContext) -> dict[str, Any]:
         from dlmedit.data.countries import RELATIONS
 
         facts = [(RELATIONS[r].format(c), c, o) for r, c, o in chosen]
-        keep = ctx.out_dir / f"{tag}_trace.json"  # the part is long: a restarted cell reuses it
-        identity = {"facts": facts, **{k: opts[k] for k in ("trace_samples", "n_temporal", "trace_autocast",
-                                                            "trace_target_window")}}
-        saved = _load_json(keep)
-        if saved and saved.get("identity") == json.loads(json.dumps(identity)):
-            result["trace"] = saved["trace"]
-        else:
-            ctx.log(f"real_model · {ctx.model} · tracing {len(chosen)} facts")
-            result["trace"] = trace_part(ctx, lm, facts, opts, tag)
-            atomic_write_json(keep, {"identity": identity, "trace": result["trace"]})
+        options = {k: opts[k] for k in ("trace_samples", "trace_autocast", "trace_target_window")}
+        result["trace"] = saved_part(ctx, ctx.out_dir / f"{tag}_trace.json", {"facts": facts, **options},
+                                     lambda: trace_part(ctx, lm, facts, opts, tag), f"tracing {len(facts)} facts")
+        n_temporal = min(int(opts["n_temporal"]), len(facts))
+        if lm.paradigm.has_intermediate_states and n_temporal > 0:
+            temporal = saved_part(ctx, ctx.out_dir / f"{tag}_temporal.json",
+                                  {"facts": facts[:n_temporal], **options, "peak_rule": TEMPORAL_PEAK_RULE},
+                                  lambda: temporal_part(ctx, lm, facts[:n_temporal], opts, tag),
+                                  f"temporal trace of {n_temporal} facts")
+            if temporal:
+                result["trace"]["temporal"] = temporal
     seconds["trace"] = time.perf_counter() - clock - sum(seconds.values())
     # 2. edits by new-target length
     objects = {r: [o for _, o in relation_pairs(r, ctx.seed)] for r in known}
@@ -884,7 +922,8 @@ def render_real_pair(report: Report, summary: dict[str, Any], collected: dict[st
 
     real = summary.get("real_model") or {}
     sec = report.section("5. Real models: causal tracing, single- vs multi-token edits and forgetting on country facts")
-    sec.text("Facts: countryinfo capitals, demonyms and official languages "
+    relations = sorted({r for e in real.values() for r in (e.get("n_known") or {})})
+    sec.text(f"Facts: countryinfo country facts ({', '.join(relations) or 'none'}) "
              + ("known to every real model of the study (exact match by real generation)" if all(
                  len(e.get("known_by") or []) > 1 for e in real.values()) and len(real) > 1
                 else "known to each model (exact match by real generation)")

@@ -387,11 +387,17 @@ def _unlearning_section(report: Report, summary: dict[str, Any], collected: dict
             sec.figure(seq, f"{model}: sequential insertion curve (first seed)")
 
 
+def _models_run(collected: dict[str, Any]) -> list[str]:
+    """The models that have cells, in stage order (a ``--stages real_model`` run has only the real ones)."""
+    return list(dict.fromkeys(m for stage in (collected.get("results") or {}).values() for m in stage))
+
+
 def write_report(out: Path, summary: dict[str, Any], collected: dict[str, Any], versions: dict[str, str],
                  wall_time_s: float) -> tuple[Path, Path]:
     """Write report.html + report.md from the summary and the per-stage plots."""
     report = Report("dlmedit study: editing masked diffusion vs autoregressive models",
-                    f"models: {', '.join(summary['config']['models'])}; seeds: {summary['config']['seeds']}; "
+                    f"models: {', '.join(_models_run(collected) or summary['config']['models'])}; "
+                    f"seeds: {summary['config']['seeds']}; "
                     f"quick={summary['config']['quick']}; wall time {wall_time_s:.0f} s (this run); "
                     f"{sum(collected['timings'].values()):.0f} s summed over the {len(collected['timings'])} cells "
                     "(all runs, if resumed)")
