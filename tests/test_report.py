@@ -35,6 +35,16 @@ def test_html_is_self_contained_and_markdown_links_images(tmp_path):
     assert "| arm | 0.900 |" in md and "![a curve](" in md
 
 
+def test_a_table_shows_every_rows_columns_even_when_the_first_row_is_a_note():
+    report = Report("t", "s")
+    report.section("Edits").table([{"model": "mdm", "run": "partial: not run (one state)"},
+                                   {"model": "mdm", "run": "rome/final", "GenEM": 0.5}])
+    md = report.to_markdown()
+    assert "| model | run | GenEM |" in md and "| mdm | rome/final | 0.500 |" in md
+    assert "| mdm | partial: not run (one state) | – |" in md
+    assert "<th>GenEM</th>" in report.to_html()
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium not installed (apt-get install chromium)")
 def test_report_opens_in_headless_chromium_with_all_images(tmp_path):
     from dlmedit.report.browser import check_report

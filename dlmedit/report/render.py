@@ -40,7 +40,9 @@ class Section:
 
     def table(self, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, caption: str = "") -> Section:
         rows = list(rows)
-        cols = list(columns) if columns else (list(rows[0]) if rows else [])
+        # every key of every row, in first-seen order: a note row with fewer keys (e.g. "skipped: …")
+        # placed first must not drop the other rows' columns
+        cols = list(columns) if columns else list(dict.fromkeys(k for row in rows for k in row))
         self.blocks.append(Block("table", {"rows": rows, "columns": cols, "caption": caption}))
         return self
 
