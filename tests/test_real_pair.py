@@ -102,6 +102,8 @@ def test_real_pair_stage_produces_every_table_with_n_and_intervals(tiny_models, 
     for part in ("trace", "temporal"):  # a restart reuses them
         assert (tmp_path / "stages" / "real_model" / f"tiny_dream__seed0_{part}.json").is_file()
     assert not (tmp_path / "stages" / "real_model" / "tiny_llama__seed0_temporal.json").exists()
+    saved = json.loads((tmp_path / "stages" / "real_model" / "tiny_dream__seed0_trace.json").read_text())
+    assert saved["identity"]["model"] == fingerprints["dream"]  # other weights: the trace is redone
     keyed = mdm["edits"]["multi"]["runs"]["rome/partial+keys"]
     assert (keyed["target_states"], keyed["key_states"]) == ("partial", "partial")
     assert sorted(keyed["values"]["GenEM"]) == ["2", "all"] and len(keyed["values"]["GenEM"]["all"]) == 2

@@ -419,7 +419,7 @@ def saved_part(ctx: StageContext, path: Any, identity: dict[str, Any], compute: 
 
     Why: the trace parts of a real-model cell take tens of minutes on a CPU; a cell restarted
     after a kill (or after a later part failed) should not redo them.  The identity holds
-    everything the result depends on — the facts, the options and, for results derived by a
+    everything the result depends on — the weights' fingerprint, the facts, the options and, for results derived by a
     rule that may change (the temporal peak), the rule's version — so a stale file is redone,
     never reused.  Written atomically.
     """
@@ -661,7 +661,9 @@ def real_pair_stage(ctx: StageContext) -> dict[str, Any]:
         from dlmedit.data.countries import RELATIONS
 
         facts = [(RELATIONS[r].format(c), c, o) for r, c, o in chosen]
-        options = {k: opts[k] for k in ("trace_samples", "trace_autocast", "trace_target_window")}
+        # the weights are part of what a saved trace depends on (a re-merged adapter is another model)
+        options = {"model": lm.fingerprint(),
+                   **{k: opts[k] for k in ("trace_samples", "trace_autocast", "trace_target_window")}}
         result["trace"] = saved_part(ctx, ctx.out_dir / f"{tag}_trace.json", {"facts": facts, **options},
                                      lambda: trace_part(ctx, lm, facts, opts, tag), f"tracing {len(facts)} facts")
         n_temporal = min(int(opts["n_temporal"]), len(facts))
